@@ -1,0 +1,330 @@
+"""The provider client: requests, what each answer means, and transport retries.
+
+What to do with an HTTP answer is decided by pure functions (`decide_submit`, `decide_poll`,
+`is_safe_to_resend`) that are tested with tables of cases; `ApiClient` only sends requests and hands
+the answers to them. Transport retries are `urllib3.util.Retry`'s job: connect errors (the request
+never left) are retried for every method, read errors and 5xx only for GET. A submit that may have
+reached the provider is never resent blindly: it costs money.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import enum
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+from urllib.parse import urlsplit
+
+import requests
+import urllib3
+from requests.adapters import HTTPAdapter
+from urllib3.util import Retry
+
+from .config import ApiConfig, Secret
+
+KEY_HEADER = "Ocp-Apim-Subscription-Key"
+FINAL_REMOTE_STATES = ("COMPLETED", "FAILED", "ERROR")
+WAITING_REMOTE_STATES = ("QUEUED", "PROCESSING")
+EXCERPT = 200
+DOWNLOAD_CHUNK = 256 * 1024
+
+
+class SubmitVerdict(str, enum.Enum):
+    ACCEPTED = "accepted"
+    """The provider took the job: poll it."""
+    RETRY = "retry"
+    """Not taken this time (429, 5xx, a connection that never opened): try again after a delay."""
+    NO_BALANCE = "no_balance"
+    """402: the wallet is empty; every submit would fail the same way."""
+    AUTH = "auth"
+    """401/403: the key is wrong or revoked; every submit would fail the same way."""
+    REJECTED = "rejected"
+    """400 and other 4xx: this request is wrong; resending it cannot help."""
+    AMBIGUOUS = "ambiguous"
+    """The request may have reached the provider but its answer was lost: never resend blindly."""
+
+
+class PollVerdict(str, enum.Enum):
+    WAITING = "waiting"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    ERROR = "error"
+    RETRY = "retry"
+    """The answer was unusable this time (5xx, 429, malformed, unknown id): poll again later."""
+    AUTH = "auth"
+
+
+@dataclass(frozen=True)
+class SubmitAnswer:
+    verdict: SubmitVerdict
+    http_status: int | None = None
+    request_id: str | None = None
+    polling_url: str | None = None
+    retry_after: float | None = None
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class PollAnswer:
+    verdict: PollVerdict
+    http_status: int | None = None
+    remote_status: str | None = None
+    media_url: str | None = None
+    message: str = ""
+    retry_after: float | None = None
+    provider_seconds: float | None = None
+    """completed_at - created_at as the provider reports it: its own processing time."""
+
+
+class DownloadError(Exception):
+    """The result could not be fetched; `retryable` says whether trying again may help."""
+
+    def __init__(self, message: str, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+# --------------------------------------------------------------------------- pure decisions
+
+
+def excerpt(text: str, limit: int = EXCERPT) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds to wait from a Retry-After header: delta-seconds or an HTTP date; None if absent/invalid."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - now)
+
+
+def _json(body: str) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, TypeError):
+        return None
+
+
+def error_message(body: str) -> str:
+    """The provider's own words from an error body ('error: message'), else a short excerpt."""
+    data = _json(body)
+    if isinstance(data, dict):
+        parts = [str(data[k]) for k in ("error", "message") if isinstance(data.get(k), (str, int)) and data.get(k)]
+        if parts:
+            return excerpt(": ".join(parts))
+    return excerpt(body) if body else "(empty body)"
+
+
+def is_http_url(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    parts = urlsplit(value)
+    return parts.scheme in ("http", "https") and bool(parts.netloc)
+
+
+def decide_submit(status: int, body: str, headers: dict[str, str], now: float) -> SubmitAnswer:
+    """What a generate answer means for the job."""
+    if 200 <= status < 300:
+        data = _json(body)
+        request_id = data.get("request_id") if isinstance(data, dict) else None
+        if not isinstance(request_id, str) or not request_id.strip():
+            return SubmitAnswer(SubmitVerdict.AMBIGUOUS, status,
+                                message=f"accepted (HTTP {status}) but no request_id in: {excerpt(body)}")
+        polling_url = data.get("polling_url")
+        return SubmitAnswer(SubmitVerdict.ACCEPTED, status, request_id=request_id,
+                            polling_url=polling_url if is_http_url(polling_url) else None)
+    message = f"HTTP {status}: {error_message(body)}"
+    retry_after = parse_retry_after(headers.get("Retry-After"), now)
+    if status == 402:
+        return SubmitAnswer(SubmitVerdict.NO_BALANCE, status, message=message, retry_after=retry_after)
+    if status in (401, 403):
+        return SubmitAnswer(SubmitVerdict.AUTH, status, message=message)
+    if status in (408, 429) or status >= 500:
+        return SubmitAnswer(SubmitVerdict.RETRY, status, message=message, retry_after=retry_after)
+    return SubmitAnswer(SubmitVerdict.REJECTED, status, message=message)
+
+
+def _iso_seconds(value: Any) -> float | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        from datetime import datetime
+
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def decide_poll(status: int, body: str, headers: dict[str, str], now: float) -> PollAnswer:
+    """What a status answer means for the job."""
+    retry_after = parse_retry_after(headers.get("Retry-After"), now)
+    if status in (401, 403):
+        return PollAnswer(PollVerdict.AUTH, status, message=f"HTTP {status}: {error_message(body)}")
+    if status != 200:
+        return PollAnswer(PollVerdict.RETRY, status, message=f"HTTP {status}: {error_message(body)}",
+                          retry_after=retry_after)
+    data = _json(body)
+    remote = data.get("status") if isinstance(data, dict) else None
+    if remote in WAITING_REMOTE_STATES:
+        return PollAnswer(PollVerdict.WAITING, status, remote_status=remote)
+    if remote == "COMPLETED":
+        output = data.get("output")
+        urls = output.get("media_url") if isinstance(output, dict) else None
+        media_url = urls[0] if isinstance(urls, list) and urls else None
+        if not is_http_url(media_url):
+            return PollAnswer(PollVerdict.RETRY, status, remote_status=remote,
+                              message=f"COMPLETED without an http(s) media_url: {excerpt(body)}")
+        created, completed = _iso_seconds(data.get("created_at")), _iso_seconds(data.get("completed_at"))
+        took = completed - created if created is not None and completed is not None else None
+        return PollAnswer(PollVerdict.COMPLETED, status, remote_status=remote, media_url=media_url,
+                          provider_seconds=took)
+    if remote in ("FAILED", "ERROR"):
+        error = data.get("error")
+        text = excerpt(str(error)) if error else "(the provider gave no error text)"
+        verdict = PollVerdict.FAILED if remote == "FAILED" else PollVerdict.ERROR
+        return PollAnswer(verdict, status, remote_status=remote, message=text)
+    return PollAnswer(PollVerdict.RETRY, status, message=f"unexpected status document: {excerpt(body)}")
+
+
+def is_safe_to_resend(exc: BaseException) -> bool:
+    """True when a failed request certainly never reached the server (urllib3's own rule).
+
+    Connect errors (refused, DNS, connect timeout, TLS handshake) happen before a byte of the request
+    is sent. Read timeouts and dropped connections happen after: the provider may have acted on it.
+    """
+    if isinstance(exc, (requests.exceptions.ConnectTimeout, requests.exceptions.SSLError,
+                        requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
+                        requests.exceptions.InvalidSchema)):
+        return True
+    seen: set[int] = set()
+    stack: list[Any] = [exc]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, urllib3.exceptions.ConnectTimeoutError):
+            return True
+        if isinstance(current, (urllib3.exceptions.ReadTimeoutError, urllib3.exceptions.ProtocolError)):
+            return False
+        stack.extend([getattr(current, "reason", None), current.__cause__, current.__context__,
+                      *[a for a in getattr(current, "args", ()) if isinstance(a, BaseException)]])
+    return False
+
+
+def same_origin(url: str, other: str) -> bool:
+    a, b = urlsplit(url), urlsplit(other)
+    return (a.scheme, a.hostname, a.port) == (b.scheme, b.hostname, b.port)
+
+
+def choose_polling_url(polling_url: str | None, request_id: str, config: ApiConfig) -> str:
+    """The provider's polling_url if it points at the provider itself, else status_url/request_id.
+
+    The key travels with every poll, so a polling_url on any other origin is not trusted with it.
+    """
+    if polling_url and (same_origin(polling_url, config.status_url) or same_origin(polling_url, config.base_url)):
+        return polling_url
+    return f"{config.status_url.rstrip('/')}/{request_id}"
+
+
+# --------------------------------------------------------------------------- the client
+
+
+def transport_retry() -> Retry:
+    """Short transport-level retries. POST is left out of read/status retries: resending a submit costs."""
+    return Retry(total=4, connect=3, read=1, status=2, other=0, backoff_factor=0.2, backoff_max=2.0,
+                 status_forcelist=(502, 503, 504), allowed_methods=frozenset({"GET", "HEAD"}),
+                 raise_on_status=False, respect_retry_after_header=False)
+
+
+class ApiClient:
+    """One requests.Session for every call; the key is sent to the provider's API only, never to media URLs."""
+
+    def __init__(self, config: ApiConfig, api_key: Secret, session: requests.Session | None = None,
+                 clock=time.time) -> None:
+        self.config = config
+        self._key = api_key
+        self._clock = clock
+        self.session = session or requests.Session()
+        adapter = HTTPAdapter(max_retries=transport_retry(), pool_maxsize=32)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        self.timeout = (config.connect_timeout, config.read_timeout)
+
+    def set_key(self, api_key: Secret) -> None:
+        self._key = api_key
+
+    def _api_headers(self) -> dict[str, str]:
+        return {KEY_HEADER: self._key.reveal(), "Cache-Control": "no-cache"}
+
+    @property
+    def generate_url(self) -> str:
+        return f"{self.config.base_url.rstrip('/')}/codeformer/generate"
+
+    def submit(self, image_url: str, params: dict[str, Any]) -> SubmitAnswer:
+        """POST one job. Never raises for network trouble: it is folded into the answer."""
+        body = dict(params, image=image_url)
+        # A fresh connection per submit: a pooled one the server has just closed would fail after
+        # the request was written, which is indistinguishable from a lost answer (ambiguous).
+        headers = dict(self._api_headers(), Connection="close")
+        try:
+            response = self.session.post(self.generate_url, json=body, headers=headers, timeout=self.timeout)
+        except requests.RequestException as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            if is_safe_to_resend(exc):
+                return SubmitAnswer(SubmitVerdict.RETRY, message=f"not sent: {reason}")
+            return SubmitAnswer(SubmitVerdict.AMBIGUOUS, message=f"sent, answer lost: {reason}")
+        return decide_submit(response.status_code, response.text, dict(response.headers), self._clock())
+
+    def poll(self, polling_url: str) -> PollAnswer:
+        try:
+            response = self.session.get(polling_url, headers=self._api_headers(), timeout=self.timeout)
+        except requests.RequestException as exc:
+            return PollAnswer(PollVerdict.RETRY, message=f"{type(exc).__name__}: {exc}")
+        return decide_poll(response.status_code, response.text, dict(response.headers), self._clock())
+
+    def probe_key(self) -> int | None:
+        """Status of a status request for an id that cannot exist: 404 means the key was accepted."""
+        try:
+            return self.session.get(f"{self.config.status_url.rstrip('/')}/codeformer-daemon-key-check",
+                                    headers=self._api_headers(), timeout=self.timeout).status_code
+        except requests.RequestException:
+            return None
+
+    def download(self, media_url: str, dest: BinaryIO, max_bytes: int) -> int:
+        """Stream the result into `dest`; returns the byte count. No key is sent: it is a CDN URL."""
+        if not is_http_url(media_url):
+            raise DownloadError(f"refusing to follow a non-http(s) media URL: {excerpt(media_url, 80)}",
+                                retryable=False)
+        try:
+            with self.session.get(media_url, stream=True, timeout=self.timeout) as response:
+                if response.status_code != 200:
+                    raise DownloadError(f"HTTP {response.status_code} fetching the result",
+                                        retryable=response.status_code >= 500 or response.status_code in (404, 408, 429))
+                length = response.headers.get("Content-Length")
+                if length and length.isdigit() and int(length) > max_bytes:
+                    raise DownloadError(f"the result is {int(length)} bytes, over api.max_download_mb", retryable=False)
+                total = 0
+                for chunk in response.iter_content(DOWNLOAD_CHUNK):
+                    total += len(chunk)
+                    if total > max_bytes:
+                        raise DownloadError("the result is over api.max_download_mb", retryable=False)
+                    dest.write(chunk)
+                return total
+        except requests.RequestException as exc:
+            raise DownloadError(f"{type(exc).__name__} fetching the result: {exc}") from None
+
+    def close(self) -> None:
+        self.session.close()

@@ -1,0 +1,166 @@
+"""The command line: run, status, emulator, demo. Configures logging once, turns errors into exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+
+import structlog
+
+from . import __version__
+from . import logging as daemon_logging
+from .config import ConfigError, load_config, resolve_api_key
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+
+def _error(message: str, code: int) -> int:
+    print(f"codeformer-daemon: {message}", file=sys.stderr)
+    return code
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .service import Service, StartupError
+
+    try:
+        config = load_config(args.config)
+        api_key = resolve_api_key(config)
+    except ConfigError as exc:
+        return _error(f"configuration error: {exc}", EXIT_CONFIG)
+    daemon_logging.register_secret(api_key.reveal())
+    daemon_logging.configure(config.logging.format, config.logging.level)
+    service = Service(config, api_key)
+    try:
+        service.start()
+    except StartupError as exc:
+        structlog.get_logger("daemon").error("daemon.cannot_start", reason=str(exc))
+        return _error(f"cannot start: {exc}", EXIT_FAILURE)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if service.stop_requested:
+            os._exit(EXIT_FAILURE)  # second signal: stop hard; the journal holds every committed step
+        service.request_stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    clean = service.run()
+    if not clean:
+        # A stage is still inside a network call past shutdown_timeout; its job is safe in the journal
+        # and resumes on the next start. Do not wait for the thread.
+        sys.stderr.flush()
+        os._exit(EXIT_OK)
+    return EXIT_OK
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "never"
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def render_status(summary: dict) -> str:
+    lines = []
+    beat = summary["heartbeat_age_seconds"]
+    running = beat is not None and beat < 10
+    lines.append(f"daemon: {'running' if running else 'not running'} (last heartbeat {_age(beat)} ago)")
+    if summary["paused"]:
+        lines.append(f"paused: {summary['paused']}")
+    counts = {k: v for k, v in summary["counts"].items() if v}
+    lines.append("jobs: " + (", ".join(f"{k} {v}" for k, v in counts.items()) or "none"))
+    lines.append(f"submissions spent: {summary['submissions_spent']}, duplicates skipped: "
+                 f"{summary['duplicates_skipped']}, ambiguous submits found at restart: "
+                 f"{summary['ambiguous_at_restart']}")
+    if summary["in_flight"]:
+        lines.append("in flight:")
+        for job in summary["in_flight"]:
+            remote = f" {job['remote_status']}" if job["remote_status"] else ""
+            lines.append(f"  #{job['job_id']} {job['file']}: {job['state']}{remote}, {_age(job['age_seconds'])}")
+    if summary["recent_failures"]:
+        lines.append("recent failures:")
+        for job in summary["recent_failures"]:
+            lines.append(f"  #{job['job_id']} {job['file']}: {job['reason']}")
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .journal import Journal, JournalError
+    from .service import journal_path
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        return _error(f"configuration error: {exc}", EXIT_CONFIG)
+    path = journal_path(config)
+    if not path.exists():
+        return _error(f"no journal at {path}: the daemon has not run with this state_dir yet", EXIT_FAILURE)
+    try:
+        journal = Journal(path, read_only=True)
+        summary = journal.summary(time.time())
+        journal.close()
+    except JournalError as exc:
+        return _error(str(exc), EXIT_FAILURE)
+    print(json.dumps(summary, indent=2) if args.json else render_status(summary))
+    return EXIT_OK
+
+
+def cmd_emulator(args: argparse.Namespace) -> int:
+    from . import emulator
+
+    return emulator.run(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoError, run_demo
+
+    try:
+        return run_demo(args.dir, count=args.count, latency=args.latency)
+    except DemoError as exc:
+        return _error(str(exc), EXIT_FAILURE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="codeformer-daemon", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="watch the inbox and restore every scan (foreground, until SIGTERM)")
+    run.add_argument("--config", required=True, help="the YAML configuration file")
+    run.set_defaults(handler=cmd_run)
+
+    status = commands.add_parser("status", help="what the daemon is doing and has done (works while it runs)")
+    status.add_argument("--config", required=True)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(handler=cmd_status)
+
+    from . import emulator
+
+    emu = commands.add_parser("emulator", help="run the local gateway emulator (it does not restore faces: "
+                                                "its output is the input resized by upscale)")
+    emulator.add_arguments(emu)
+    emu.set_defaults(handler=cmd_emulator)
+
+    demo = commands.add_parser("demo", help="restore a few generated photos end to end against the emulator")
+    demo.add_argument("--dir", default="codeformer-demo", help="folder to create for the demo (default: %(default)s)")
+    demo.add_argument("--count", type=int, default=4, help="how many photos to drop (default: %(default)s)")
+    demo.add_argument("--latency", type=float, default=1.0, help="emulated processing seconds per photo")
+    demo.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,339 @@
+"""Configuration: the YAML schema as typed dataclasses, loading, and validation.
+
+Every problem is reported as a `ConfigError` that names the key (``api.poll_interval``) and what is
+wrong with it, before the daemon touches a single file. The API key is never read from the YAML: it
+comes from the environment, a key file, or a systemd credential, and is held in a `Secret` whose repr
+never shows it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+API_KEY_ENV = "CODEFORMER_API_KEY"
+API_KEY_CREDENTIAL = "api_key"
+
+PROVIDER_BASE_URL = "https://gateway.pixazo.ai/codeformer-image-restoration/v1"
+PROVIDER_STATUS_URL = "https://gateway.pixazo.ai/v2/requests/status"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the key and the problem."""
+
+
+class Secret:
+    """A string that never shows itself in a repr, a log line or an error text."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+def _range(low: float | None = None, high: float | None = None) -> dict[str, Any]:
+    return {"range": (low, high)}
+
+
+def _choice(*options: str) -> dict[str, Any]:
+    return {"choices": options}
+
+
+@dataclass(frozen=True)
+class FoldersConfig:
+    """Where scans arrive, where restorations go, and where originals end up."""
+
+    inbox: Path
+    outbox: Path
+    archive: Path
+    failed: Path
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    """How to reach the provider, and how patiently."""
+
+    base_url: str = PROVIDER_BASE_URL
+    status_url: str = PROVIDER_STATUS_URL
+    api_key_file: Path | None = None
+    poll_interval: float = field(default=5.0, metadata=_range(0.05, 3600))
+    max_in_flight: int = field(default=4, metadata=_range(1, 256))
+    job_timeout: float = field(default=900.0, metadata=_range(1, 7 * 86400))
+    connect_timeout: float = field(default=10.0, metadata=_range(0.1, 300))
+    read_timeout: float = field(default=60.0, metadata=_range(0.1, 3600))
+    max_attempts: int = field(default=5, metadata=_range(1, 100))
+    max_download_mb: float = field(default=200.0, metadata=_range(1, 10_000))
+
+
+@dataclass(frozen=True)
+class RestoreConfig:
+    """The restoration parameters sent with every job; ranges as the provider documents them."""
+
+    codeformer_fidelity: float = field(default=0.5, metadata=_range(0.0, 1.0))
+    background_enhance: bool = True
+    face_upsample: bool = True
+    upscale: int = field(default=2, metadata=_range(1, 8))
+
+    def as_request(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class BuiltinHostConfig:
+    """The built-in HTTP server that serves each scan to the provider while its job needs it."""
+
+    listen: str = "0.0.0.0:8089"
+    public_url: str | None = None
+
+
+@dataclass(frozen=True)
+class HostingConfig:
+    adapter: str = field(default="builtin", metadata=_choice("builtin"))
+    builtin: BuiltinHostConfig = field(default_factory=BuiltinHostConfig)
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    settle_seconds: float = field(default=2.0, metadata=_range(0.0, 3600))
+    rescan_seconds: float = field(default=60.0, metadata=_range(1.0, 86400))
+    ignore: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PreflightConfig:
+    max_pixels: int = field(default=50_000_000, metadata=_range(1, 2_000_000_000))
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    format: str = field(default="auto", metadata=_choice("auto", "json", "console"))
+    level: str = field(default="info", metadata=_choice("debug", "info", "warning", "error"))
+
+
+@dataclass(frozen=True)
+class Config:
+    folders: FoldersConfig
+    state_dir: Path
+    api: ApiConfig = field(default_factory=ApiConfig)
+    restore: RestoreConfig = field(default_factory=RestoreConfig)
+    hosting: HostingConfig = field(default_factory=HostingConfig)
+    watch: WatchConfig = field(default_factory=WatchConfig)
+    preflight: PreflightConfig = field(default_factory=PreflightConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    shutdown_timeout: float = field(default=20.0, metadata=_range(1.0, 3600))
+
+
+# --------------------------------------------------------------------------- building from a mapping
+
+
+def _convert(value: Any, hint: Any, key: str, base_dir: Path) -> Any:
+    """Check one YAML value against its type hint and convert it; raise ConfigError naming `key`."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, options[0], key, base_dir)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key, base_dir)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected a whole number, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"{key}: expected a non-empty text, got {value!r}")
+        return value
+    if hint is Path:
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"{key}: expected a path, got {value!r}")
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else (base_dir / path)
+    if origin is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key}: expected a list of texts, got {value!r}")
+        return tuple(value)
+    raise TypeError(f"unsupported config type {hint!r} for {key}")  # a bug in the schema, not the file
+
+
+def _check_metadata(value: Any, meta: typing.Mapping[str, Any], key: str) -> None:
+    if value is None:
+        return
+    if "range" in meta:
+        low, high = meta["range"]
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise ConfigError(f"{key}: {value!r} is out of range, allowed {low} to {high}")
+    if "choices" in meta and value not in meta["choices"]:
+        allowed = ", ".join(meta["choices"])
+        raise ConfigError(f"{key}: unknown value {value!r}, allowed: {allowed}")
+
+
+def _build(cls: type, data: Any, prefix: str, base_dir: Path) -> Any:
+    """Build dataclass `cls` from a YAML mapping, rejecting unknown keys (usually typos)."""
+    where = prefix or "the top level"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        name = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
+        raise ConfigError(f"{name}: unknown key (allowed here: {', '.join(fields)})")
+    values: dict[str, Any] = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name not in data:
+            no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if no_default:
+                raise ConfigError(f"{key}: required key is missing")
+            continue
+        value = _convert(data[name], hints[name], key, base_dir)
+        _check_metadata(value, f.metadata, key)
+        values[name] = value
+    return cls(**values)
+
+
+def _check_url(value: str, key: str) -> None:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"{key}: expected an http(s) URL, got {value!r}")
+
+
+def parse_listen(value: str, key: str = "hosting.builtin.listen") -> tuple[str, int]:
+    """Split 'host:port' (IPv6 as '[::1]:8089'); raise ConfigError naming `key`."""
+    host, sep, port_text = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"{key}: expected HOST:PORT, got {value!r}")
+    return host, int(port_text)
+
+
+def _is_inside(child: Path, parent: Path) -> bool:
+    try:
+        child.resolve().relative_to(parent.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def validate(config: Config) -> None:
+    """Checks that need more than one key or the file system; raise ConfigError naming the key."""
+    _check_url(config.api.base_url, "api.base_url")
+    _check_url(config.api.status_url, "api.status_url")
+    if config.hosting.builtin.public_url is not None:
+        _check_url(config.hosting.builtin.public_url, "hosting.builtin.public_url")
+    parse_listen(config.hosting.builtin.listen)
+
+    inbox = config.folders.inbox
+    if not inbox.is_dir():
+        raise ConfigError(f"folders.inbox: {inbox} does not exist or is not a directory")
+    others = {
+        "folders.outbox": config.folders.outbox,
+        "folders.archive": config.folders.archive,
+        "folders.failed": config.folders.failed,
+        "state_dir": config.state_dir,
+    }
+    for key, path in others.items():
+        if _is_inside(path, inbox):
+            raise ConfigError(f"{key}: {path} is inside folders.inbox ({inbox}); it must live outside it")
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"{key}: {path} exists and is not a directory")
+    if config.api.job_timeout <= config.api.poll_interval:
+        raise ConfigError("api.job_timeout: must be longer than api.poll_interval")
+
+
+def config_from_mapping(data: Any, base_dir: Path) -> Config:
+    """Build and validate a Config; relative paths are taken relative to `base_dir`."""
+    config = _build(Config, data, "", base_dir)
+    validate(config)
+    return config
+
+
+def load_config(path: str | Path) -> Config:
+    """Read, parse and validate a YAML configuration file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if isinstance(data, dict) and "api" in data and isinstance(data["api"], dict):
+        if "api_key" in data["api"]:
+            raise ConfigError(
+                f"api.api_key: the key is never read from the YAML file; use {API_KEY_ENV}, "
+                "api.api_key_file, or a systemd credential named api_key"
+            )
+    return config_from_mapping(data, path.resolve().parent)
+
+
+def resolve_api_key(config: Config, environ: typing.Mapping[str, str] | None = None) -> Secret:
+    """Find the API key: $CODEFORMER_API_KEY, then api.api_key_file, then $CREDENTIALS_DIRECTORY/api_key.
+
+    A configured key file that cannot be read is an error even when the environment has a key,
+    so that a broken setup is noticed rather than silently shadowed.
+    """
+    environ = os.environ if environ is None else environ
+    from_file: str | None = None
+    key_file = config.api.api_key_file
+    if key_file is not None:
+        try:
+            from_file = key_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"api.api_key_file: cannot read {key_file}: {exc.strerror or exc}") from None
+        if not from_file:
+            raise ConfigError(f"api.api_key_file: {key_file} is empty")
+    from_env = environ.get(API_KEY_ENV, "").strip()
+    if from_env:
+        return Secret(from_env)
+    if from_file:
+        return Secret(from_file)
+    credentials = environ.get("CREDENTIALS_DIRECTORY")
+    if credentials:
+        credential = Path(credentials) / API_KEY_CREDENTIAL
+        if credential.is_file():
+            try:
+                value = credential.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(f"credential {API_KEY_CREDENTIAL}: cannot read {credential}: {exc.strerror}") from None
+            if value:
+                return Secret(value)
+    raise ConfigError(
+        f"api.api_key_file: no API key found; set {API_KEY_ENV}, point api.api_key_file at a file "
+        f"holding the key, or pass a systemd credential named {API_KEY_CREDENTIAL}"
+    )

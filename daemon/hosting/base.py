@@ -1,0 +1,61 @@
+"""The one small interface every hosting adapter fulfils.
+
+The provider only fetches URLs, so each scan is published somewhere it can reach, and unpublished as
+soon as its job no longer needs it. The caller picks the key (and records it in the journal) *before*
+publishing, so a crash can never leave an object the daemon does not know about.
+"""
+
+from __future__ import annotations
+
+import abc
+import secrets
+from pathlib import Path
+
+KEY_BYTES = 32
+"""256 random bits per published file: unguessable, and carries nothing of the original name."""
+
+
+class HostingError(Exception):
+    """Publishing or unpublishing failed; the message is safe to log (no secrets, no signed URLs)."""
+
+
+def new_key(suffix: str) -> str:
+    """A fresh random object key such as 'Zx3…Q.png'; the suffix only helps content sniffing."""
+    return secrets.token_urlsafe(KEY_BYTES) + suffix
+
+
+def key_for_logs(key: str) -> str:
+    """Enough of a key to follow it through the logs, not enough to fetch it."""
+    return key[:8] + "…"
+
+
+class HostingAdapter(abc.ABC):
+    """Makes local files fetchable by the provider for a while."""
+
+    name: str = "abstract"
+
+    def start(self) -> None:
+        """Get ready to publish (bind a port, check a bucket). Called once before any publish."""
+
+    @abc.abstractmethod
+    def publish(self, key: str, path: Path, content_type: str) -> str:
+        """Make `path` fetchable under `key` and return the URL to hand to the provider.
+
+        Idempotent: publishing a key again replaces what it served. Raises HostingError.
+        The returned URL may be a secret (a presigned URL): never log it, log `key_for_logs(key)`.
+        """
+
+    @abc.abstractmethod
+    def unpublish(self, key: str) -> None:
+        """Make `key` unfetchable. Idempotent: an unknown or already removed key is not an error."""
+
+    def sweep(self, keep: set[str]) -> int:
+        """Remove whatever this adapter published earlier whose key is not in `keep`.
+
+        Called at start-up with the keys the journal still needs, to clear orphans of a crash.
+        Returns how many were removed; adapters that keep nothing across restarts return 0.
+        """
+        return 0
+
+    def stop(self) -> None:
+        """Release what `start` took. Published keys the journal still needs survive if they can."""

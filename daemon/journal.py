@@ -1,0 +1,379 @@
+"""The SQLite journal: the single source of truth for every job and its state machine.
+
+Every state change is a compare-and-set committed before the side effect it allows, so after a crash
+the daemon reads the journal and carries each job on from where it stopped. One connection serves
+the whole process behind a lock (SQLite serialises writers anyway); `status` opens its own read-only
+connection, which WAL mode lets run beside the daemon.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+
+class JobState(str, enum.Enum):
+    """Where a job stands. The value is what SQLite stores, so the journal reads plainly."""
+
+    PENDING = "pending"
+    """Recorded and waiting for a submit slot (or for its backoff to pass)."""
+    PUBLISHING = "publishing"
+    """Holds a slot; the file is being checked and published. A crash here just starts over."""
+    SUBMITTING = "submitting"
+    """Published; the submit request is about to be or is being sent. The one ambiguous window."""
+    SUBMITTED = "submitted"
+    """The provider accepted it (request_id known); polled until it finishes."""
+    DOWNLOADING = "downloading"
+    """The provider finished; the result is being fetched into the outbox."""
+    DELIVERING = "delivering"
+    """The output is in the outbox; the original is being archived and unpublished."""
+    FAILING = "failing"
+    """The job cannot succeed; the original is being moved to failed/ with its reason."""
+    DONE = "done"
+    """Restored: output in the outbox, original in the archive."""
+    FAILED = "failed"
+    """Explained: original in failed/ beside its .error.json."""
+    VANISHED = "vanished"
+    """The file left the inbox before it was sent (deleted or renamed away): nothing to do."""
+
+
+FINAL_STATES = frozenset({JobState.DONE, JobState.FAILED, JobState.VANISHED})
+IN_FLIGHT_STATES = frozenset({JobState.PUBLISHING, JobState.SUBMITTING, JobState.SUBMITTED})
+"""States that hold one of the `api.max_in_flight` slots."""
+
+TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
+    JobState.PENDING: frozenset({JobState.PUBLISHING, JobState.FAILING, JobState.VANISHED}),
+    JobState.PUBLISHING: frozenset({JobState.SUBMITTING, JobState.PENDING, JobState.FAILING, JobState.VANISHED}),
+    JobState.SUBMITTING: frozenset({JobState.SUBMITTED, JobState.PENDING, JobState.FAILING}),
+    JobState.SUBMITTED: frozenset({JobState.DOWNLOADING, JobState.PENDING, JobState.FAILING}),
+    JobState.DOWNLOADING: frozenset({JobState.DELIVERING, JobState.FAILING}),
+    JobState.DELIVERING: frozenset({JobState.DONE}),
+    JobState.FAILING: frozenset({JobState.FAILED}),
+    JobState.DONE: frozenset(),
+    JobState.FAILED: frozenset(),
+    JobState.VANISHED: frozenset(),
+}
+"""The legal moves of the state machine; anything else is a bug and raises."""
+
+
+class JournalError(Exception):
+    """The journal cannot be opened or used (corrupt, read-only, newer schema)."""
+
+
+class StaleTransition(Exception):
+    """A compare-and-set found the job no longer in the expected state: someone else moved it."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One file's journey, as stored in one journal row."""
+
+    id: int
+    rel_path: str
+    state: JobState
+    size: int
+    mtime_ns: int
+    params: dict[str, Any]
+    sha256: str | None = None
+    upload_path: str | None = None
+    hosted_key: str | None = None
+    request_id: str | None = None
+    polling_url: str | None = None
+    remote_status: str | None = None
+    media_url: str | None = None
+    output_path: str | None = None
+    final_path: str | None = None
+    submit_attempts: int = 0
+    download_attempts: int = 0
+    not_before: float = 0.0
+    last_error: str | None = None
+    error_kind: str | None = None
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    submitted_at: float | None = None
+    finished_at: float | None = None
+
+
+_JOB_COLUMNS = [f.name for f in fields(Job)]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY,
+    rel_path TEXT NOT NULL,
+    state TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    params TEXT NOT NULL,
+    sha256 TEXT,
+    upload_path TEXT,
+    hosted_key TEXT,
+    request_id TEXT,
+    polling_url TEXT,
+    remote_status TEXT,
+    media_url TEXT,
+    output_path TEXT,
+    final_path TEXT,
+    submit_attempts INTEGER NOT NULL DEFAULT 0,
+    download_attempts INTEGER NOT NULL DEFAULT 0,
+    not_before REAL NOT NULL DEFAULT 0,
+    last_error TEXT,
+    error_kind TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    submitted_at REAL,
+    finished_at REAL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_one_active_per_path
+    ON jobs(rel_path) WHERE state NOT IN ('done', 'failed', 'vanished');
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state);
+CREATE TABLE IF NOT EXISTS job_events (
+    id INTEGER PRIMARY KEY,
+    job_id INTEGER NOT NULL REFERENCES jobs(id),
+    at REAL NOT NULL,
+    from_state TEXT,
+    to_state TEXT NOT NULL,
+    detail TEXT
+);
+CREATE INDEX IF NOT EXISTS job_events_by_job ON job_events(job_id);
+"""
+
+MIGRATIONS: dict[int, str] = {}
+"""SQL that takes the schema from version N-1 to N; applied in order by `_migrate`."""
+
+
+def _row_to_job(row: sqlite3.Row) -> Job:
+    data = {name: row[name] for name in _JOB_COLUMNS}
+    data["state"] = JobState(data["state"])
+    data["params"] = json.loads(data["params"])
+    return Job(**data)
+
+
+class Journal:
+    """Jobs and their states in SQLite; every write goes through `transaction()`."""
+
+    def __init__(self, path: Path, *, clock=time.time, read_only: bool = False) -> None:
+        self.path = Path(path)
+        self._clock = clock
+        self._lock = threading.RLock()
+        try:
+            if read_only:
+                uri = f"file:{self.path}?mode=ro"
+                self._db = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA busy_timeout = 5000")
+            if not read_only:
+                self._db.execute("PRAGMA journal_mode = WAL")
+                # FULL: a commit survives a power cut, which is what "recorded before acting" relies on.
+                self._db.execute("PRAGMA synchronous = FULL")
+                self._migrate()
+            else:
+                self._db.execute("SELECT count(*) FROM jobs").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise JournalError(f"cannot open journal {self.path}: {exc}") from None
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Cursor]:
+        """Begin, yield a cursor, commit; roll back if the block raises. The only way to write."""
+        with self._lock:
+            cursor = self._db.cursor()
+            cursor.execute("BEGIN IMMEDIATE")
+            try:
+                yield cursor
+            except BaseException:
+                cursor.execute("ROLLBACK")
+                raise
+            else:
+                cursor.execute("COMMIT")
+            finally:
+                cursor.close()
+
+    def _migrate(self) -> None:
+        with self._lock:
+            self._db.executescript(_SCHEMA)  # idempotent CREATE ... IF NOT EXISTS
+        current = self.get_meta("schema_version")
+        version = int(current) if current else 0
+        if version > SCHEMA_VERSION:
+            raise JournalError(
+                f"journal {self.path} has schema version {version}, newer than this daemon's "
+                f"{SCHEMA_VERSION}; upgrade codeformer-daemon"
+            )
+        for target in range(max(version, 1), SCHEMA_VERSION + 1):
+            if target in MIGRATIONS and version < target:
+                self._db.executescript(MIGRATIONS[target])
+        if version != SCHEMA_VERSION:
+            self.set_meta("schema_version", str(SCHEMA_VERSION))
+
+    # ------------------------------------------------------------------ meta (daemon-wide facts)
+
+    def get_meta(self, key: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row["value"] if row else None
+
+    def set_meta(self, key: str, value: str | None) -> None:
+        with self.transaction() as cur:
+            if value is None:
+                cur.execute("DELETE FROM meta WHERE key = ?", (key,))
+            else:
+                cur.execute("INSERT INTO meta(key, value) VALUES (?, ?) "
+                            "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
+
+    def add_to_counter(self, key: str, amount: int = 1) -> None:
+        with self.transaction() as cur:
+            cur.execute("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE "
+                        "SET value = CAST(value AS INTEGER) + ?", (key, str(amount), amount))
+
+    def counter(self, key: str) -> int:
+        value = self.get_meta(key)
+        return int(value) if value else 0
+
+    # ------------------------------------------------------------------ jobs
+
+    def add_job(self, rel_path: str, size: int, mtime_ns: int, params: dict[str, Any]) -> Job | None:
+        """Record a new file as PENDING; None if the path already has an unfinished job."""
+        now = self._clock()
+        with self.transaction() as cur:
+            try:
+                cur.execute(
+                    "INSERT INTO jobs(rel_path, state, size, mtime_ns, params, created_at, updated_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (rel_path, JobState.PENDING.value, size, mtime_ns, json.dumps(params, sort_keys=True),
+                     now, now),
+                )
+            except sqlite3.IntegrityError:
+                return None
+            job_id = cur.lastrowid
+            cur.execute("INSERT INTO job_events(job_id, at, from_state, to_state, detail) VALUES (?, ?, NULL, ?, ?)",
+                        (job_id, now, JobState.PENDING.value, "detected"))
+            row = cur.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return _row_to_job(row)
+
+    def transition(self, job: Job, to_state: JobState, detail: str | None = None, **changes: Any) -> Job:
+        """Move `job` from the state it was read in to `to_state`, with column changes, atomically.
+
+        Raises StaleTransition when the row is no longer in `job.state` (another path won), and
+        ValueError for a move the state machine does not allow.
+        """
+        if to_state not in TRANSITIONS[job.state]:
+            raise ValueError(f"illegal transition {job.state.value} -> {to_state.value} for job {job.id}")
+        return self._compare_and_set(job, to_state, detail, changes)
+
+    def update(self, job: Job, **changes: Any) -> Job:
+        """Change columns of `job` without changing its state (still compare-and-set on the state)."""
+        return self._compare_and_set(job, job.state, None, changes)
+
+    def _compare_and_set(self, job: Job, to_state: JobState, detail: str | None, changes: dict[str, Any]) -> Job:
+        unknown = set(changes) - set(_JOB_COLUMNS)
+        if unknown:
+            raise ValueError(f"unknown job columns: {sorted(unknown)}")
+        now = self._clock()
+        values = dict(changes, state=to_state.value, updated_at=now)
+        if "params" in values:
+            values["params"] = json.dumps(values["params"], sort_keys=True)
+        assignments = ", ".join(f"{name} = ?" for name in values)
+        with self.transaction() as cur:
+            cur.execute(f"UPDATE jobs SET {assignments} WHERE id = ? AND state = ?",
+                        (*values.values(), job.id, job.state.value))
+            if cur.rowcount != 1:
+                raise StaleTransition(f"job {job.id} is no longer {job.state.value}")
+            if to_state != job.state:
+                cur.execute(
+                    "INSERT INTO job_events(job_id, at, from_state, to_state, detail) VALUES (?, ?, ?, ?, ?)",
+                    (job.id, now, job.state.value, to_state.value, detail),
+                )
+            row = cur.execute("SELECT * FROM jobs WHERE id = ?", (job.id,)).fetchone()
+        return _row_to_job(row)
+
+    def get(self, job_id: int) -> Job | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return _row_to_job(row) if row else None
+
+    def jobs_in(self, *states: JobState, limit: int | None = None) -> list[Job]:
+        """Jobs in any of `states`, oldest first."""
+        marks = ", ".join("?" for _ in states)
+        sql = f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY id"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        with self._lock:
+            rows = self._db.execute(sql, [s.value for s in states]).fetchall()
+        return [_row_to_job(r) for r in rows]
+
+    def count_in(self, *states: JobState) -> int:
+        marks = ", ".join("?" for _ in states)
+        with self._lock:
+            row = self._db.execute(f"SELECT count(*) FROM jobs WHERE state IN ({marks})",
+                                   [s.value for s in states]).fetchone()
+        return int(row[0])
+
+    def active_paths(self) -> set[str]:
+        """Relative paths of every unfinished job: the watcher must not take these again."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT rel_path FROM jobs WHERE state NOT IN ('done', 'failed', 'vanished')").fetchall()
+        return {r[0] for r in rows}
+
+    def counts_by_state(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall()
+        return {r[0]: int(r[1]) for r in rows}
+
+    def recent(self, state: JobState, limit: int = 10) -> list[Job]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM jobs WHERE state = ? ORDER BY updated_at DESC LIMIT ?",
+                                    (state.value, limit)).fetchall()
+        return [_row_to_job(r) for r in rows]
+
+    def history(self, job_id: int) -> list[dict[str, Any]]:
+        """The transitions of one job, oldest first, for error records and `status`."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT at, from_state, to_state, detail FROM job_events WHERE job_id = ? ORDER BY id",
+                (job_id,)).fetchall()
+        return [dict(r) for r in rows]
+
+    def summary(self, now: float, recent_failures: int = 10) -> dict[str, Any]:
+        """Everything `status` shows, as plain data (the CLI renders it, or dumps it as JSON)."""
+        watching = (JobState.PUBLISHING, JobState.SUBMITTING, JobState.SUBMITTED, JobState.DOWNLOADING,
+                    JobState.DELIVERING, JobState.FAILING)
+        in_flight = [{
+            "job_id": j.id, "file": j.rel_path, "state": j.state.value, "request_id": j.request_id,
+            "remote_status": j.remote_status,
+            "age_seconds": round(now - (j.submitted_at or j.created_at), 1),
+        } for j in self.jobs_in(*watching)]
+        failures = [{
+            "job_id": j.id, "file": j.rel_path, "reason": j.last_error, "stage": j.error_kind,
+            "request_id": j.request_id, "moved_to": j.final_path, "at": j.finished_at,
+        } for j in self.recent(JobState.FAILED, recent_failures)]
+        with self._lock:
+            spent = self._db.execute("SELECT count(*) FROM job_events WHERE to_state = 'submitted'").fetchone()[0]
+        heartbeat = self.get_meta("heartbeat")
+        return {
+            "counts": {state.value: 0 for state in JobState} | self.counts_by_state(),
+            "in_flight": in_flight,
+            "recent_failures": failures,
+            "paused": self.get_meta("paused"),
+            "ambiguous_at_restart": self.counter("ambiguous_at_restart"),
+            "duplicates_skipped": self.counter("duplicates_skipped"),
+            "submissions_spent": int(spent),
+            "heartbeat_age_seconds": round(now - float(heartbeat), 1) if heartbeat else None,
+            "pid": int(self.get_meta("pid") or 0) or None,
+        }

@@ -1,0 +1,92 @@
+"""structlog configuration: one place that shapes every log line, and one processor that hides secrets.
+
+JSON lines by default when stderr is not a terminal (systemd, files), a readable console renderer
+when it is. Secrets are removed in a processor, so no call site can forget: values of registered
+secrets are masked wherever they appear, and fields whose names look secret are masked entirely.
+"""
+
+from __future__ import annotations
+
+import logging as stdlib_logging
+import re
+import sys
+import threading
+from collections.abc import Iterable
+from typing import Any, TextIO
+
+import structlog
+
+MASK = "***"
+SECRET_FIELD = re.compile(r"(api_?key|secret|password|token|signature|credential|authorization)", re.I)
+LEVELS = {"debug": stdlib_logging.DEBUG, "info": stdlib_logging.INFO,
+          "warning": stdlib_logging.WARNING, "error": stdlib_logging.ERROR}
+
+_secrets: set[str] = set()
+_secrets_lock = threading.Lock()
+
+
+def register_secret(value: str) -> None:
+    """Mask `value` in every log line from now on (the API key, hosting credentials)."""
+    if value and len(value) >= 4:
+        with _secrets_lock:
+            _secrets.add(value)
+
+
+def _mask_text(text: str, secrets: Iterable[str]) -> str:
+    for secret in secrets:
+        if secret in text:
+            text = text.replace(secret, MASK)
+    return text
+
+
+def _mask_value(value: Any, secrets: frozenset[str]) -> Any:
+    if isinstance(value, str):
+        return _mask_text(value, secrets)
+    if isinstance(value, dict):
+        return {k: _mask_value(v, secrets) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_mask_value(v, secrets) for v in value)
+    if isinstance(value, BaseException):
+        return _mask_text(f"{type(value).__name__}: {value}", secrets)
+    return value
+
+
+def redact_secrets(logger: Any, method_name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """structlog processor: mask registered secret values anywhere, and secret-looking fields whole."""
+    with _secrets_lock:
+        secrets = frozenset(_secrets)
+    for key, value in list(event_dict.items()):
+        if SECRET_FIELD.search(key) and key not in ("hosted_key",):
+            event_dict[key] = MASK
+        else:
+            event_dict[key] = _mask_value(value, secrets)
+    return event_dict
+
+
+def _render_exception_without_locals() -> Any:
+    """Tracebacks as plain text: structlog's dict tracebacks can include local variables (secrets)."""
+    return structlog.processors.format_exc_info
+
+
+def configure(format: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
+    """Configure structlog once, in the CLI entry point; safe to call again (reload)."""
+    stream = stream or sys.stderr
+    if format == "auto":
+        format = "console" if stream.isatty() else "json"
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _render_exception_without_locals(),
+        redact_secrets,  # after exceptions are rendered to text, so tracebacks are masked too
+    ]
+    if format == "json":
+        processors.append(structlog.processors.JSONRenderer(default=str, ensure_ascii=False))
+    else:
+        processors.append(structlog.dev.ConsoleRenderer(colors=stream.isatty()))
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
+        logger_factory=structlog.WriteLoggerFactory(file=stream),
+        cache_logger_on_first_use=False,
+    )

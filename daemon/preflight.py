@@ -1,0 +1,110 @@
+"""Preflight: is this file an image the provider can take? Decided by content, before any money is spent.
+
+JPEG and PNG in 8-bit RGB, greyscale or palette are published as they are, byte for byte. Anything
+Pillow can read but the provider may not take (TIFF, BMP, WebP, CMYK, 16-bit, ...) is converted to an
+upload-safe PNG in the staging folder. Everything else is rejected with a reason a person can act on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+PASS_THROUGH_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png"}
+PASS_THROUGH_MODES = {"RGB", "RGBA", "L", "LA", "P"}
+CHUNK = 1024 * 1024
+
+
+class PreflightError(Exception):
+    """The file cannot be sent; `reason` says why in words for the failed/ record."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class PreflightResult:
+    """What to publish for a file that passed."""
+
+    sha256: str
+    """Of the original file's bytes: identifies the content for duplicate detection."""
+    width: int
+    height: int
+    source_format: str
+    upload_path: Path
+    content_type: str
+    converted: bool
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def needs_conversion(image_format: str | None, mode: str) -> bool:
+    """True when the provider should get a PNG made from the file instead of the file itself."""
+    return image_format not in PASS_THROUGH_FORMATS or mode not in PASS_THROUGH_MODES
+
+
+def _to_upload_mode(image: Image.Image) -> Image.Image:
+    """8-bit RGB(A) or greyscale: what every image service takes."""
+    if image.mode in ("RGB", "RGBA", "L"):
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit greyscale: scale down to 8 bits instead of clipping everything to white.
+        return image.point(lambda v: v / 256).convert("L")
+    if image.mode in ("LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        return image.convert("RGBA")
+    return image.convert("RGB")
+
+
+def check_image(path: Path, staging_dir: Path, stem: str, *, max_pixels: int) -> PreflightResult:
+    """Check `path` by content; convert to PNG in `staging_dir` as `<stem>.png` when needed."""
+    try:
+        size = os.stat(path).st_size
+    except OSError as exc:
+        raise PreflightError(f"cannot read the file: {exc.strerror}") from None
+    if size == 0:
+        raise PreflightError("the file is empty (0 bytes)")
+    try:
+        sha256 = file_sha256(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise PreflightError(
+                        f"the image has {width}x{height} = {width * height} pixels, over "
+                        f"preflight.max_pixels ({max_pixels})")
+                image_format = image.format or "unknown"
+                image.load()  # a full decode: catches truncated and corrupt files
+                if not needs_conversion(image.format, image.mode):
+                    return PreflightResult(sha256, width, height, image_format, path,
+                                           PASS_THROUGH_FORMATS[image_format], False)
+                staging_dir.mkdir(parents=True, exist_ok=True)
+                target = staging_dir / f"{stem}.png"
+                converted = _to_upload_mode(image)
+                temp = target.with_suffix(".png.tmp")
+                converted.save(temp, format="PNG")
+                os.replace(temp, target)
+                width, height = converted.size
+                return PreflightResult(sha256, width, height, image_format, target, "image/png", True)
+    except PreflightError:
+        raise
+    except UnidentifiedImageError:
+        raise PreflightError("not an image Pillow can read (checked by content, not by name)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise PreflightError(f"refused as a decompression bomb: {exc}") from None
+    except PermissionError as exc:
+        raise PreflightError(f"cannot read the file: {exc.strerror}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise PreflightError(f"the image is truncated or corrupt: {exc}") from None

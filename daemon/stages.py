@@ -1,0 +1,332 @@
+"""The stages one job goes through, run on the worker pool: launch, poll, deliver, fail.
+
+Each stage does blocking I/O and records its outcome in the journal before the next side effect,
+so that any of them can be cut short by a crash and simply run again. The scheduler decides *when*
+a stage runs; a stage decides only what its own answer means for its job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import structlog
+from PIL import Image
+
+from .api import ApiClient, PollAnswer, PollVerdict, SubmitAnswer, SubmitVerdict, choose_polling_url
+from .config import Config
+from .hosting import HostingAdapter, HostingError, key_for_logs, new_key
+from .journal import Job, Journal, JobState, StaleTransition
+from .outbox import Folders, claim_name, finish_temp, move_file, numbered, temporary_file, write_json_atomically
+from .preflight import PreflightError, check_image
+
+log = structlog.get_logger("daemon.stages")
+
+
+def backoff_delay(attempt: int, base: float = 2.0, cap: float = 300.0, rng: random.Random | None = None) -> float:
+    """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2**attempt)]."""
+    ceiling = min(cap, base * (2 ** max(0, attempt)))
+    return (rng or random).uniform(0, ceiling)
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class Context:
+    """What the stages need; built once by the service."""
+
+    config: Config
+    journal: Journal
+    host: HostingAdapter
+    api: ApiClient
+    folders: Folders
+    inbox: Path
+    staging: Path
+    notify: Callable[[], None] = lambda: None
+    """Wakes the scheduler, e.g. the moment a job frees its in-flight slot."""
+    wall: Callable[[], float] = time.time
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    """What the scheduler needs to hear back from a stage (gating and poll timing)."""
+
+    job_id: int
+    submit: SubmitAnswer | None = None
+    poll: PollAnswer | None = None
+
+
+# --------------------------------------------------------------------------- launch
+
+
+def launch(ctx: Context, job: Job) -> StageOutcome:
+    """PUBLISHING -> preflight, publish, submit -> SUBMITTED (or back to PENDING, or FAILING)."""
+    source = ctx.inbox / job.rel_path
+    if not os.path.lexists(source):
+        ctx.journal.transition(job, JobState.VANISHED, "left the inbox before it was sent")
+        log.info("file.vanished", rel_path=job.rel_path, job_id=job.id)
+        return StageOutcome(job.id)
+    try:
+        checked = check_image(source, ctx.staging, f"job-{job.id}", max_pixels=ctx.config.preflight.max_pixels)
+    except PreflightError as exc:
+        if not os.path.lexists(source):
+            ctx.journal.transition(job, JobState.VANISHED, "left the inbox during preflight")
+            return StageOutcome(job.id)
+        fail(ctx, job, "preflight", exc.reason)
+        return StageOutcome(job.id)
+    st = os.stat(source)
+    key = new_key(".png" if checked.content_type == "image/png" else ".jpg")
+    job = ctx.journal.update(job, sha256=checked.sha256, size=st.st_size, mtime_ns=st.st_mtime_ns,
+                             upload_path=str(checked.upload_path), hosted_key=key)
+    if checked.converted:
+        log.info("file.converted", rel_path=job.rel_path, job_id=job.id, source_format=checked.source_format,
+                 width=checked.width, height=checked.height)
+    try:
+        url = ctx.host.publish(key, checked.upload_path, checked.content_type)
+    except HostingError as exc:
+        return _back_to_pending(ctx, job, f"publish failed: {exc}", count_attempt=True)
+    log.info("file.published", rel_path=job.rel_path, job_id=job.id, adapter=ctx.host.name,
+             key=key_for_logs(key), bytes=checked.upload_path.stat().st_size)
+
+    job = ctx.journal.transition(job, JobState.SUBMITTING, "submit about to be sent")
+    started = time.monotonic()
+    answer = ctx.api.submit(url, job.params)
+    took = round(time.monotonic() - started, 3)
+    return StageOutcome(job.id, submit=_record_submit(ctx, job, answer, took))
+
+
+def _record_submit(ctx: Context, job: Job, answer: SubmitAnswer, took: float) -> SubmitAnswer:
+    verdict = answer.verdict
+    if verdict is SubmitVerdict.ACCEPTED:
+        polling_url = choose_polling_url(answer.polling_url, answer.request_id, ctx.config.api)
+        ctx.journal.transition(job, JobState.SUBMITTED, f"accepted as {answer.request_id}",
+                               request_id=answer.request_id, polling_url=polling_url, remote_status="QUEUED",
+                               submitted_at=ctx.wall(), submit_attempts=job.submit_attempts + 1)
+        log.info("job.submitted", rel_path=job.rel_path, job_id=job.id, request_id=answer.request_id,
+                 params=job.params, duration=took)
+    elif verdict is SubmitVerdict.REJECTED:
+        fail(ctx, job, "rejected", answer.message, api_error=answer.message)
+    elif verdict is SubmitVerdict.AMBIGUOUS:
+        fail(ctx, job, "submit_ambiguous",
+             "the submit may have reached the provider but its answer was lost; it is not resent "
+             "automatically so it cannot be paid for twice (" + answer.message + ")")
+    else:
+        counts = verdict is SubmitVerdict.RETRY and answer.http_status != 429
+        _back_to_pending(ctx, job, answer.message, count_attempt=counts, retry_after=answer.retry_after,
+                         quiet=verdict in (SubmitVerdict.NO_BALANCE, SubmitVerdict.AUTH))
+    return answer
+
+
+def _back_to_pending(ctx: Context, job: Job, reason: str, *, count_attempt: bool,
+                     retry_after: float | None = None, quiet: bool = False) -> StageOutcome:
+    """Unpublish and queue the job again after a delay; fail it once attempts run out."""
+    attempts = job.submit_attempts + (1 if count_attempt else 0)
+    if attempts >= ctx.config.api.max_attempts:
+        fail(ctx, job, "attempts_exhausted", f"gave up after {attempts} attempts; last error: {reason}")
+        return StageOutcome(job.id)
+    _unpublish(ctx, job)
+    delay = retry_after if retry_after is not None else backoff_delay(attempts, base=1.0)
+    ctx.journal.transition(job, JobState.PENDING, reason, submit_attempts=attempts, hosted_key=None,
+                           not_before=ctx.wall() + delay, last_error=reason)
+    if not quiet:
+        log.warning("job.retry_later", rel_path=job.rel_path, job_id=job.id, reason=reason,
+                    attempt=attempts, delay=round(delay, 2))
+    ctx.notify()
+    return StageOutcome(job.id)
+
+
+# --------------------------------------------------------------------------- poll
+
+
+def poll(ctx: Context, job: Job) -> StageOutcome:
+    """SUBMITTED -> ask the provider; on COMPLETED go straight on to deliver."""
+    answer = ctx.api.poll(job.polling_url)
+    verdict = answer.verdict
+    if verdict is PollVerdict.WAITING:
+        if answer.remote_status != job.remote_status:
+            ctx.journal.update(job, remote_status=answer.remote_status)
+            log.info("job.status", rel_path=job.rel_path, job_id=job.id, request_id=job.request_id,
+                     status=answer.remote_status)
+    elif verdict is PollVerdict.COMPLETED:
+        job = ctx.journal.transition(job, JobState.DOWNLOADING, "provider completed", remote_status="COMPLETED",
+                                     media_url=answer.media_url)
+        ctx.notify()  # the slot is free: the next file can be submitted while this one downloads
+        log.info("job.completed", rel_path=job.rel_path, job_id=job.id, request_id=job.request_id,
+                 provider_seconds=answer.provider_seconds,
+                 duration=round(ctx.wall() - (job.submitted_at or ctx.wall()), 3))
+        _unpublish(ctx, job)
+        deliver(ctx, job)
+    elif verdict is PollVerdict.FAILED:
+        fail(ctx, job, "provider_failed", f"the provider reported FAILED: {answer.message}",
+             api_error=answer.message)
+    elif verdict is PollVerdict.ERROR:
+        log.warning("job.status", rel_path=job.rel_path, job_id=job.id, request_id=job.request_id,
+                    status="ERROR", error=answer.message)
+        _back_to_pending(ctx, job, f"provider system error (not charged): {answer.message}", count_attempt=True)
+    else:
+        log.warning("job.poll_error", rel_path=job.rel_path, job_id=job.id, request_id=job.request_id,
+                    error=answer.message)
+    return StageOutcome(job.id, poll=answer)
+
+
+# --------------------------------------------------------------------------- deliver
+
+
+def _free_name(path: Path) -> Path:
+    n = 0
+    while numbered(path, n).exists():
+        n += 1
+    return numbered(path, n)
+
+
+def deliver(ctx: Context, job: Job) -> None:
+    """DOWNLOADING -> result into the outbox (atomically) -> DELIVERING -> archive -> DONE."""
+    if job.output_path and Path(job.output_path).exists():
+        output = Path(job.output_path)  # placed before a crash, not yet recorded as delivered
+    else:
+        output = _download_into_outbox(ctx, job)
+        if output is None:
+            return
+    job = ctx.journal.transition(ctx.journal.get(job.id), JobState.DELIVERING, "output written",
+                                 output_path=str(output))
+    log.info("job.delivered", rel_path=job.rel_path, job_id=job.id, request_id=job.request_id,
+             output=str(output), bytes=output.stat().st_size)
+    finish_delivery(ctx, job)
+
+
+def _download_into_outbox(ctx: Context, job: Job) -> Path | None:
+    wanted = ctx.folders.output_path(job.rel_path)
+    max_bytes = int(ctx.config.api.max_download_mb * 1024 * 1024)
+    started = time.monotonic()
+    with temporary_file(wanted.parent) as (temp, f):
+        from .api import DownloadError
+
+        try:
+            size = ctx.api.download(job.media_url, f, max_bytes)
+            finish_temp(f)
+            _ensure_png(temp)
+        except DownloadError as exc:
+            _download_failed(ctx, job, str(exc), exc.retryable)
+            return None
+        except (OSError, SyntaxError, ValueError) as exc:
+            _download_failed(ctx, job, f"the result is not a readable image: {exc}", retryable=True)
+            return None
+        intended = _free_name(wanted)
+        job = ctx.journal.update(job, output_path=str(intended))  # recorded first: a crash never doubles it
+        output = claim_name(temp, intended)
+        if output != intended:
+            ctx.journal.update(job, output_path=str(output))
+    if output.name != wanted.name:
+        log.warning("output.renamed", rel_path=job.rel_path, job_id=job.id, wanted=str(wanted), output=str(output),
+                    reason="a file of that name already exists in the outbox")
+    log.info("job.downloaded", rel_path=job.rel_path, job_id=job.id, bytes=size,
+             duration=round(time.monotonic() - started, 3))
+    return output
+
+
+def _ensure_png(path: Path) -> None:
+    """Decode the result fully; if the provider sent another format, re-encode it as PNG in place."""
+    with Image.open(path) as image:
+        image.load()
+        if image.format == "PNG":
+            return
+        converted = image.convert("RGBA" if "A" in image.getbands() else "RGB")
+    with open(path, "r+b") as f:
+        f.truncate(0)
+        converted.save(f, format="PNG")
+        finish_temp(f)
+
+
+def _download_failed(ctx: Context, job: Job, reason: str, retryable: bool) -> None:
+    attempts = job.download_attempts + 1
+    if not retryable or attempts >= ctx.config.api.max_attempts:
+        fail(ctx, job, "download_failed", f"could not fetch the result after {attempts} attempt(s): {reason}")
+        return
+    delay = backoff_delay(attempts, base=1.0, cap=60.0)
+    ctx.journal.update(job, download_attempts=attempts, not_before=ctx.wall() + delay, last_error=reason)
+    log.warning("job.download_retry", rel_path=job.rel_path, job_id=job.id, error=reason, attempt=attempts,
+                delay=round(delay, 2))
+
+
+def finish_delivery(ctx: Context, job: Job) -> None:
+    """DELIVERING -> original to the archive, publication gone -> DONE. Safe to run again."""
+    source = ctx.inbox / job.rel_path
+    if job.final_path is None and os.path.lexists(source):
+        archived = move_file(source, ctx.folders.archive_path(job.rel_path))
+        job = ctx.journal.update(job, final_path=str(archived))
+        log.info("file.archived", rel_path=job.rel_path, job_id=job.id, archived=str(archived))
+    _unpublish(ctx, job)
+    _remove_staged(ctx, job)
+    job = ctx.journal.transition(job, JobState.DONE, "restored", finished_at=ctx.wall())
+    log.info("job.done", rel_path=job.rel_path, job_id=job.id, request_id=job.request_id, output=job.output_path,
+             duration=round(job.finished_at - job.created_at, 3))
+
+
+# --------------------------------------------------------------------------- fail
+
+
+def fail(ctx: Context, job: Job, kind: str, reason: str, *, api_error: str | None = None) -> None:
+    """Any unfinished state -> FAILING (recorded first) -> original to failed/ with its reason."""
+    try:
+        job = ctx.journal.transition(job, JobState.FAILING, reason, error_kind=kind, last_error=reason)
+    except StaleTransition:
+        return
+    ctx.notify()
+    finish_failing(ctx, job, api_error=api_error)
+
+
+def finish_failing(ctx: Context, job: Job, api_error: str | None = None) -> None:
+    """FAILING -> the original into failed/ beside <name>.error.json -> FAILED. Safe to run again."""
+    _unpublish(ctx, job)
+    source = ctx.inbox / job.rel_path
+    final = Path(job.final_path) if job.final_path else None
+    if final is None and os.path.lexists(source):
+        final = move_file(source, ctx.folders.failed_path(job.rel_path))
+        job = ctx.journal.update(job, final_path=str(final))
+    record_path = (final or ctx.folders.failed_path(job.rel_path))
+    record_path = record_path.with_name(record_path.name + ".error.json")
+    if not record_path.exists():
+        write_json_atomically(record_path, {
+            "file": job.rel_path,
+            "failed_at": iso(ctx.wall()),
+            "stage": job.error_kind,
+            "reason": job.last_error,
+            "request_id": job.request_id,
+            "api_error": api_error,
+            "submit_attempts": job.submit_attempts,
+            "job_id": job.id,
+            "history": [{"at": iso(e["at"]), "from": e["from_state"], "to": e["to_state"], "detail": e["detail"]}
+                        for e in ctx.journal.history(job.id)],
+        })
+    _remove_staged(ctx, job)
+    job = ctx.journal.transition(job, JobState.FAILED, job.last_error, finished_at=ctx.wall())
+    log.error("job.failed", rel_path=job.rel_path, job_id=job.id, request_id=job.request_id, stage=job.error_kind,
+              reason=job.last_error, moved_to=str(final) if final else None)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _unpublish(ctx: Context, job: Job) -> None:
+    if job.hosted_key:
+        try:
+            ctx.host.unpublish(job.hosted_key)
+        except HostingError as exc:
+            log.warning("file.unpublish_failed", rel_path=job.rel_path, job_id=job.id,
+                        key=key_for_logs(job.hosted_key), error=str(exc))
+            return
+        log.debug("file.unpublished", rel_path=job.rel_path, job_id=job.id, key=key_for_logs(job.hosted_key))
+
+
+def _remove_staged(ctx: Context, job: Job) -> None:
+    if job.upload_path and Path(job.upload_path).parent == ctx.staging:
+        with contextlib.suppress(FileNotFoundError):
+            Path(job.upload_path).unlink()
