@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 import structlog
 from watchdog.events import (
     DirCreatedEvent,
+    FileAttribEvent,
     DirMovedEvent,
     FileClosedEvent,
     FileCreatedEvent,
@@ -135,8 +136,12 @@ class _EventHandler(FileSystemEventHandler):
         self._wake = wake
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if isinstance(event, (FileCreatedEvent, FileModifiedEvent)):
+        # Only IN_MODIFY means bytes are being written (and a close will follow); a created or
+        # moved-in file may be complete already, and attribute changes are not writes.
+        if isinstance(event, FileModifiedEvent):
             self._events.put(("write", os.fsdecode(event.src_path)))
+        elif isinstance(event, (FileCreatedEvent, FileAttribEvent)):
+            self._events.put(("appeared", os.fsdecode(event.src_path)))
         elif isinstance(event, FileClosedEvent):
             self._events.put(("closed", os.fsdecode(event.src_path)))
         elif isinstance(event, (FileMovedEvent, DirMovedEvent)):
