@@ -1,0 +1,118 @@
+"""What each API answer means: pure decision functions, checked with tables and no network."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import requests
+import urllib3
+
+from daemon.api import (
+    PollVerdict,
+    SubmitVerdict,
+    choose_polling_url,
+    decide_poll,
+    decide_submit,
+    is_safe_to_resend,
+    parse_retry_after,
+)
+from daemon.config import ApiConfig
+
+NOW = 1_800_000_000.0
+ACCEPTED = json.dumps({"request_id": "codeformer-image-restoration_1", "status": "QUEUED",
+                       "polling_url": "https://gw.example/v2/requests/status/codeformer-image-restoration_1"})
+
+
+@pytest.mark.parametrize("status,body,headers,verdict", [
+    (202, ACCEPTED, {}, SubmitVerdict.ACCEPTED),
+    (200, ACCEPTED, {}, SubmitVerdict.ACCEPTED),
+    (202, "{}", {}, SubmitVerdict.AMBIGUOUS),
+    (202, "<html>oops</html>", {}, SubmitVerdict.AMBIGUOUS),
+    (400, '{"error": "Model not found", "message": "disabled"}', {}, SubmitVerdict.REJECTED),
+    (404, "", {}, SubmitVerdict.REJECTED),
+    (401, '{"statusCode": 401, "message": "Access denied"}', {}, SubmitVerdict.AUTH),
+    (403, "{}", {}, SubmitVerdict.AUTH),
+    (402, '{"error": "Insufficient Balance"}', {}, SubmitVerdict.NO_BALANCE),
+    (429, "{}", {"Retry-After": "7"}, SubmitVerdict.RETRY),
+    (500, "{}", {}, SubmitVerdict.RETRY),
+    (503, "", {}, SubmitVerdict.RETRY),
+])
+def test_decide_submit(status, body, headers, verdict):
+    assert decide_submit(status, body, headers, NOW).verdict is verdict
+
+
+def test_decide_submit_details():
+    answer = decide_submit(202, ACCEPTED, {}, NOW)
+    assert answer.request_id == "codeformer-image-restoration_1" and answer.polling_url.startswith("https://")
+    assert decide_submit(429, "{}", {"Retry-After": "7"}, NOW).retry_after == 7.0
+    rejected = decide_submit(400, '{"error": "Model not found", "message": "disabled"}', {}, NOW)
+    assert "Model not found: disabled" in rejected.message and "400" in rejected.message
+
+
+def status_doc(status, **extra):
+    return json.dumps({"request_id": "r1", "status": status, "error": None, "output": None, **extra})
+
+
+@pytest.mark.parametrize("status,body,verdict", [
+    (200, status_doc("QUEUED"), PollVerdict.WAITING),
+    (200, status_doc("PROCESSING"), PollVerdict.WAITING),
+    (200, status_doc("COMPLETED", output={"media_url": ["https://cdn.example/o.png"], "media_type": "image/png"}),
+     PollVerdict.COMPLETED),
+    (200, status_doc("COMPLETED", output={"media_url": []}), PollVerdict.RETRY),
+    (200, status_doc("COMPLETED", output={"media_url": ["file:///etc/passwd"]}), PollVerdict.RETRY),
+    (200, status_doc("FAILED", error="no face found"), PollVerdict.FAILED),
+    (200, status_doc("ERROR", error="gpu fell over"), PollVerdict.ERROR),
+    (200, status_doc("EXPLODED"), PollVerdict.RETRY),
+    (200, "not json at all", PollVerdict.RETRY),
+    (500, "", PollVerdict.RETRY),
+    (404, "{}", PollVerdict.RETRY),
+    (401, "{}", PollVerdict.AUTH),
+])
+def test_decide_poll(status, body, verdict):
+    assert decide_poll(status, body, {}, NOW).verdict is verdict
+
+
+def test_decide_poll_details():
+    done = decide_poll(200, status_doc("COMPLETED", output={"media_url": ["https://cdn.example/o.png"]},
+                                       created_at="2026-03-31T10:00:00.000Z",
+                                       completed_at="2026-03-31T10:00:15.500Z"), {}, NOW)
+    assert done.media_url == "https://cdn.example/o.png" and done.provider_seconds == pytest.approx(15.5)
+    assert decide_poll(200, status_doc("FAILED", error="no face found"), {}, NOW).message == "no face found"
+    assert "not json" in decide_poll(200, "not json at all", {}, NOW).message
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("12", 12.0), (None, None), ("", None), ("soon", None),
+    ("Wed, 15 Jan 2027 08:00:10 GMT", None),  # replaced below with a computed date
+])
+def test_parse_retry_after(value, expected):
+    if value and value.startswith("Wed"):
+        import email.utils
+
+        value = email.utils.formatdate(NOW + 30, usegmt=True)
+        assert parse_retry_after(value, NOW) == pytest.approx(30, abs=1)
+    else:
+        assert parse_retry_after(value, NOW) == expected
+
+
+def test_only_errors_before_sending_are_safe_to_resend():
+    refused = requests.exceptions.ConnectionError(urllib3.exceptions.MaxRetryError(
+        None, "/x", urllib3.exceptions.NewConnectionError(None, "refused")))
+    assert is_safe_to_resend(refused)
+    assert is_safe_to_resend(requests.exceptions.ConnectTimeout("connect timed out"))
+    assert not is_safe_to_resend(requests.exceptions.ReadTimeout("read timed out"))
+    dropped = requests.exceptions.ConnectionError(urllib3.exceptions.ProtocolError(
+        "Connection aborted.", ConnectionResetError()))
+    assert not is_safe_to_resend(dropped)
+    assert not is_safe_to_resend(requests.exceptions.ChunkedEncodingError("broken"))
+
+
+def test_the_key_only_travels_to_the_providers_own_origin():
+    config = ApiConfig(base_url="https://gw.example/codeformer-image-restoration/v1",
+                       status_url="https://gw.example/v2/requests/status")
+    assert choose_polling_url("https://gw.example/v2/requests/status/r1", "r1", config) == \
+        "https://gw.example/v2/requests/status/r1"
+    assert choose_polling_url("https://evil.example/steal/r1", "r1", config) == \
+        "https://gw.example/v2/requests/status/r1"
+    assert choose_polling_url(None, "r1", config) == "https://gw.example/v2/requests/status/r1"

@@ -1,0 +1,53 @@
+"""The built-in host serves only what is published, only while it is, at unguessable paths."""
+
+from __future__ import annotations
+
+import requests
+
+from daemon.hosting import BuiltinHost, new_key
+from daemon.hosting.base import KEY_BYTES
+
+
+def test_serves_a_published_file_and_nothing_else(tmp_path):
+    secret_neighbour = tmp_path / "other.jpg"
+    secret_neighbour.write_bytes(b"private")
+    scan = tmp_path / "scan.jpg"
+    scan.write_bytes(b"\xff\xd8scan bytes" * 50_000)
+    host = BuiltinHost("127.0.0.1:0")
+    host.start()
+    try:
+        key = new_key(".jpg")
+        url = host.publish(key, scan, "image/jpeg")
+        assert url == f"{host.public_url}/{key}" and "scan" not in url
+        response = requests.get(url, timeout=5)
+        assert response.status_code == 200 and response.content == scan.read_bytes()
+        assert response.headers["Content-Type"] == "image/jpeg"
+        assert requests.head(url, timeout=5).headers["Content-Length"] == str(scan.stat().st_size)
+        for path in ("/", "/scan.jpg", "/other.jpg", f"/{key[:-4]}", "/../other.jpg", f"/{key}/../other.jpg"):
+            assert requests.get(host.public_url + path, timeout=5).status_code == 404, path
+        assert requests.post(url, timeout=5).status_code in (405, 501)
+        host.unpublish(key)
+        assert requests.get(url, timeout=5).status_code == 404
+    finally:
+        host.stop()
+
+
+def test_keys_are_unguessable():
+    keys = {new_key(".png") for _ in range(1000)}
+    assert len(keys) == 1000
+    assert KEY_BYTES * 8 >= 128
+    assert all(len(k) >= 43 + 4 for k in keys)  # 256 bits in URL-safe base64, plus the suffix
+
+
+def test_sweep_removes_what_the_journal_no_longer_needs(tmp_path):
+    scan = tmp_path / "a.jpg"
+    scan.write_bytes(b"x")
+    host = BuiltinHost("127.0.0.1:0")
+    host.start()
+    try:
+        keep, drop = new_key(".jpg"), new_key(".jpg")
+        host.publish(keep, scan, "image/jpeg")
+        host.publish(drop, scan, "image/jpeg")
+        assert host.sweep({keep}) == 1 and host.published_count() == 1
+    finally:
+        host.stop()

@@ -1,0 +1,87 @@
+"""The journal: legal transitions only, compare-and-set, one active job per path, durable across reopen."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from daemon.journal import TRANSITIONS, Journal, JobState, JournalError, StaleTransition
+
+PARAMS = {"codeformer_fidelity": 0.5, "background_enhance": True, "face_upsample": True, "upscale": 2}
+
+
+@pytest.fixture
+def journal(tmp_path):
+    j = Journal(tmp_path / "journal.sqlite3")
+    yield j
+    j.close()
+
+
+def test_journal_is_wal_with_full_sync(journal):
+    assert journal._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert journal._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+def test_states_are_readable_text_and_every_state_has_a_transition_entry():
+    assert set(TRANSITIONS) == set(JobState)
+    assert JobState.SUBMITTED.value == "submitted"
+
+
+def test_a_path_has_at_most_one_unfinished_job(journal):
+    job = journal.add_job("a.jpg", 10, 1, PARAMS)
+    assert journal.add_job("a.jpg", 10, 1, PARAMS) is None
+    job = journal.transition(job, JobState.FAILING, "bad")
+    journal.transition(job, JobState.FAILED, "bad")
+    assert journal.add_job("a.jpg", 10, 1, PARAMS) is not None  # a new drop of the same name is new work
+
+
+def test_illegal_transition_raises(journal):
+    job = journal.add_job("a.jpg", 10, 1, PARAMS)
+    with pytest.raises(ValueError, match="illegal transition pending -> done"):
+        journal.transition(job, JobState.DONE)
+
+
+def test_compare_and_set_lets_only_one_path_win(journal):
+    job = journal.add_job("a.jpg", 10, 1, PARAMS)
+    journal.transition(job, JobState.PUBLISHING)
+    with pytest.raises(StaleTransition):
+        journal.transition(job, JobState.PUBLISHING)  # `job` still says PENDING: the second mover loses
+
+
+def test_transitions_are_durable_and_recorded_in_history(tmp_path):
+    path = tmp_path / "j.sqlite3"
+    journal = Journal(path)
+    job = journal.add_job("x/y.jpg", 10, 1, PARAMS)
+    job = journal.transition(job, JobState.PUBLISHING, "slot taken", hosted_key="k")
+    journal.close()
+    reopened = Journal(path)
+    [again] = reopened.jobs_in(JobState.PUBLISHING)
+    assert again.hosted_key == "k" and again.params == PARAMS
+    assert [h["to_state"] for h in reopened.history(job.id)] == ["pending", "publishing"]
+    reopened.close()
+
+
+def test_corrupt_journal_refuses_to_open_with_the_reason(tmp_path):
+    path = tmp_path / "journal.sqlite3"
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(JournalError, match="cannot open journal"):
+        Journal(path)
+
+
+def test_newer_schema_is_refused(tmp_path):
+    path = tmp_path / "journal.sqlite3"
+    Journal(path).close()
+    db = sqlite3.connect(path)
+    db.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    db.commit()
+    db.close()
+    with pytest.raises(JournalError, match="schema version 99"):
+        Journal(path)
+
+
+def test_read_only_journal_reads_beside_a_writer(journal):
+    journal.add_job("a.jpg", 10, 1, PARAMS)
+    reader = Journal(journal.path, read_only=True)
+    assert reader.summary(0)["counts"]["pending"] == 1
+    reader.close()
