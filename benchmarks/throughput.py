@@ -317,38 +317,43 @@ def _spread_text(spread: dict[str, float] | None) -> str:
     return "n/a" if spread is None else f"median {spread['median']:.3f} s, max {spread['max']:.3f} s"
 
 
+def _seconds(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f} s"
+
+
 def render(result: RunResult, label: str) -> str:
     b = result.breakdown
     verdict = "PASS" if result.passed else "FAIL"
-    stopped = (f"exit {result.daemon_exit_code} after SIGTERM in {result.daemon_stop_seconds:.2f} s"
-               if result.daemon_exit_code is not None
-               else f"did NOT exit within {STOP_TIMEOUT:g} s of SIGTERM (killed)")
-    if result.daemon_exit_code not in (0, None):
-        stopped += "  <-- expected exit 0"
-    return "\n".join([
-        f"{label}",
-        f"  files                          {result.files}",
-        f"  wall, first drop -> last output {result.wall_seconds:.3f} s",
-        f"  ideal, ceil(files/slots) x latency {result.ideal_seconds:.3f} s",
-        f"  ratio ideal / wall             {result.ratio:.3f}  (target >= {TARGET_RATIO:.2f}: {verdict})",
-        f"  polls per job                  {result.polls_per_job:.2f}",
-        f"  submits accepted               {result.submits_accepted}",
-        f"  daemon CPU per file            {result.daemon_cpu_seconds_per_file * 1000:.1f} ms",
-        f"  daemon peak RSS                {result.daemon_peak_rss_mib:.1f} MiB",
-        f"  daemon stop                    {stopped}",
-        "  where the time went:",
-        f"    drop (all renames)           {result.drop_seconds * 1000:.1f} ms",
-        f"    settle wait per file         {_spread_text(b['settle_wait'])}",
-        f"    first / last file detected   {b['first_detected_after_drop']} s / {b['last_detected_after_drop']} s "
-        "after the drop",
-        f"    first submit                 {b['first_submit_after_drop']} s after the drop",
-        f"    provider queue wait          {_spread_text(b['provider_queue_wait'])}",
-        f"    provider time over latency   {_spread_text(b['provider_time_over_latency'])}",
-        f"    poll lag (done -> noticed)   {_spread_text(b['poll_lag'])}",
-        f"    slot refill gap              {_spread_text(b['slot_refill_gap'])}",
-        f"    last finish -> last output   {b['last_provider_finish_to_last_output']} s",
-        f"    provider slot utilisation    {b['provider_slot_utilisation']:.0%}",
-    ])
+    if result.daemon_exit_code is None:
+        stopped = f"did NOT exit within {STOP_TIMEOUT:g} s of SIGTERM (killed)"
+    else:
+        stopped = f"exit {result.daemon_exit_code} after SIGTERM in {result.daemon_stop_seconds:.2f} s"
+        if result.daemon_exit_code != 0:
+            stopped += "  <-- expected exit 0"
+    rows = [
+        ("files", str(result.files)),
+        ("wall, first drop -> last output", f"{result.wall_seconds:.3f} s"),
+        ("ideal, ceil(files/slots) x latency", f"{result.ideal_seconds:.3f} s"),
+        ("ratio, ideal / wall", f"{result.ratio:.3f}  (target >= {TARGET_RATIO:.2f}: {verdict})"),
+        ("polls per job", f"{result.polls_per_job:.2f}"),
+        ("submits accepted", str(result.submits_accepted)),
+        ("daemon CPU per file", f"{result.daemon_cpu_seconds_per_file * 1000:.1f} ms"),
+        ("daemon peak RSS", f"{result.daemon_peak_rss_mib:.1f} MiB"),
+        ("daemon stop", stopped),
+        ("where the time went:", ""),
+        ("  all renames (the drop)", f"{result.drop_seconds * 1000:.1f} ms"),
+        ("  settle wait per file", _spread_text(b["settle_wait"])),
+        ("  first file detected", _seconds(b["first_detected_after_drop"]) + " after the drop"),
+        ("  last file detected", _seconds(b["last_detected_after_drop"]) + " after the drop"),
+        ("  first submit", _seconds(b["first_submit_after_drop"]) + " after the drop"),
+        ("  provider queue wait", _spread_text(b["provider_queue_wait"])),
+        ("  provider time over latency", _spread_text(b["provider_time_over_latency"])),
+        ("  poll lag, finished -> noticed", _spread_text(b["poll_lag"])),
+        ("  slot refill gap", _spread_text(b["slot_refill_gap"])),
+        ("  last finish -> last output", _seconds(b["last_provider_finish_to_last_output"])),
+        ("  provider slot utilisation", f"{b['provider_slot_utilisation']:.0%}"),
+    ]
+    return "\n".join([label] + [f"  {name:<36}{value}".rstrip() for name, value in rows])
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class JobState(str, enum.Enum):
@@ -53,7 +53,8 @@ IN_FLIGHT_STATES = frozenset({JobState.PUBLISHING, JobState.SUBMITTING, JobState
 
 TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
     JobState.PENDING: frozenset({JobState.PUBLISHING, JobState.FAILING, JobState.VANISHED}),
-    JobState.PUBLISHING: frozenset({JobState.SUBMITTING, JobState.PENDING, JobState.FAILING, JobState.VANISHED}),
+    JobState.PUBLISHING: frozenset({JobState.SUBMITTING, JobState.PENDING, JobState.FAILING, JobState.VANISHED,
+                                    JobState.DELIVERING}),  # DELIVERING: the result of identical content reused
     JobState.SUBMITTING: frozenset({JobState.SUBMITTED, JobState.PENDING, JobState.FAILING}),
     JobState.SUBMITTED: frozenset({JobState.DOWNLOADING, JobState.PENDING, JobState.FAILING}),
     JobState.DOWNLOADING: frozenset({JobState.DELIVERING, JobState.FAILING}),
@@ -102,6 +103,8 @@ class Job:
     updated_at: float = 0.0
     submitted_at: float | None = None
     finished_at: float | None = None
+    duplicate_of: int | None = None
+    """The earlier job with the same content and parameters whose result this one reused."""
 
 
 _JOB_COLUMNS = [f.name for f in fields(Job)]
@@ -132,8 +135,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     submitted_at REAL,
-    finished_at REAL
+    finished_at REAL,
+    duplicate_of INTEGER
 );
+CREATE INDEX IF NOT EXISTS jobs_by_content ON jobs(sha256);
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_one_active_per_path
     ON jobs(rel_path) WHERE state NOT IN ('done', 'failed', 'vanished');
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state);
@@ -148,8 +153,16 @@ CREATE TABLE IF NOT EXISTS job_events (
 CREATE INDEX IF NOT EXISTS job_events_by_job ON job_events(job_id);
 """
 
-MIGRATIONS: dict[int, str] = {}
-"""SQL that takes the schema from version N-1 to N; applied in order by `_migrate`."""
+MIGRATIONS: dict[int, str] = {
+    2: """
+        ALTER TABLE jobs ADD COLUMN duplicate_of INTEGER;
+        CREATE INDEX IF NOT EXISTS jobs_by_content ON jobs(sha256);
+    """,
+}
+"""SQL that takes an existing journal from version N-1 to N; a new journal gets `_SCHEMA` directly."""
+
+TWIN_STATES = ("pending", "publishing", "submitting", "submitted", "downloading", "delivering", "done")
+"""States of an earlier job whose result a job with the same content can wait for or reuse."""
 
 
 def _row_to_job(row: sqlite3.Row) -> Job:
@@ -166,6 +179,7 @@ class Journal:
         self.path = Path(path)
         self._clock = clock
         self._lock = threading.RLock()
+        self._depth = 0
         try:
             if read_only:
                 uri = f"file:{self.path}?mode=ro"
@@ -191,23 +205,33 @@ class Journal:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Cursor]:
-        """Begin, yield a cursor, commit; roll back if the block raises. The only way to write."""
+        """Begin, yield a cursor, commit; roll back if the block raises. The only way to write.
+
+        Nested use joins the outer transaction, so helpers compose into one atomic step.
+        """
         with self._lock:
             cursor = self._db.cursor()
-            cursor.execute("BEGIN IMMEDIATE")
+            outermost = self._depth == 0
+            if outermost:
+                cursor.execute("BEGIN IMMEDIATE")
+            self._depth += 1
             try:
                 yield cursor
             except BaseException:
-                cursor.execute("ROLLBACK")
+                if outermost:
+                    cursor.execute("ROLLBACK")
                 raise
             else:
-                cursor.execute("COMMIT")
+                if outermost:
+                    cursor.execute("COMMIT")
             finally:
+                self._depth -= 1
                 cursor.close()
 
     def _migrate(self) -> None:
+        """Create a new journal at the current schema, or bring an older one up to it step by step."""
         with self._lock:
-            self._db.executescript(_SCHEMA)  # idempotent CREATE ... IF NOT EXISTS
+            self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
         current = self.get_meta("schema_version")
         version = int(current) if current else 0
         if version > SCHEMA_VERSION:
@@ -215,9 +239,11 @@ class Journal:
                 f"journal {self.path} has schema version {version}, newer than this daemon's "
                 f"{SCHEMA_VERSION}; upgrade codeformer-daemon"
             )
-        for target in range(max(version, 1), SCHEMA_VERSION + 1):
-            if target in MIGRATIONS and version < target:
-                self._db.executescript(MIGRATIONS[target])
+        with self._lock:
+            if version == 0:
+                self._db.executescript(_SCHEMA)
+            for target in range(max(version, 1) + 1, SCHEMA_VERSION + 1) if version else ():
+                self._db.executescript(f"BEGIN IMMEDIATE; {MIGRATIONS[target]}; COMMIT;")
         if version != SCHEMA_VERSION:
             self.set_meta("schema_version", str(SCHEMA_VERSION))
 
@@ -301,6 +327,39 @@ class Journal:
                 )
             row = cur.execute("SELECT * FROM jobs WHERE id = ?", (job.id,)).fetchone()
         return _row_to_job(row)
+
+    def claim_content(self, job: Job, **changes: Any) -> tuple[Job, Job | None]:
+        """Record the job's content (sha256 and friends) and find its twin, in one transaction.
+
+        The twin is the oldest earlier job with the same sha256 and parameters that is not failed:
+        its result can be reused, or waited for. Doing both at once means two copies dropped
+        together cannot both miss each other and both be paid for.
+        """
+        if "sha256" not in changes:
+            raise ValueError("claim_content needs sha256")
+        with self.transaction():
+            job = self.update(job, **changes)
+            twin = self.find_twin(job)
+        return job, twin
+
+    def find_twin(self, job: Job) -> Job | None:
+        """The earlier job with identical content and parameters: a done one with its output first."""
+        if not job.sha256:
+            return None
+        marks = ", ".join("?" for _ in TWIN_STATES)
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT * FROM jobs WHERE sha256 = ? AND params = ? AND id < ? AND state IN ({marks}) "
+                "ORDER BY (state = 'done') DESC, id DESC",
+                (job.sha256, json.dumps(job.params, sort_keys=True), job.id, *TWIN_STATES)).fetchall()
+        twins = [_row_to_job(r) for r in rows]
+        for twin in twins:
+            if twin.state is JobState.DONE and twin.output_path and Path(twin.output_path).exists():
+                return twin
+        for twin in twins:
+            if twin.state is not JobState.DONE:
+                return twin
+        return twins[0] if twins else None
 
     def get(self, job_id: int) -> Job | None:
         with self._lock:

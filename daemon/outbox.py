@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import filecmp
 import json
 import os
 import secrets
@@ -71,30 +72,42 @@ def temporary_file(directory: Path) -> Iterator[tuple[Path, BinaryIO]]:
             path.unlink()
 
 
-def claim_name(temp: Path, wanted: Path) -> Path:
-    """Put the finished, fsynced `temp` in place under `wanted` or the first free numbered name.
+NO_HARD_LINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV)
+"""What os.link raises on file systems (or across them) that cannot hard-link."""
+
+
+def place(temp: Path, target: Path) -> None:
+    """Put the finished, fsynced `temp` at exactly `target`; FileExistsError if the name is taken.
 
     `os.link` fails if the name exists, so an existing file is never overwritten even if another
     program creates it at the same moment. File systems without hard links fall back to a check
     and `os.replace`, which is still atomic for readers.
     """
+    try:
+        os.link(temp, target)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in NO_HARD_LINKS:
+            raise
+        if target.exists():
+            raise FileExistsError(errno.EEXIST, "name already taken", str(target)) from None
+        os.replace(temp, target)
+    else:
+        temp.unlink()
+    fsync_dir(target.parent)
+
+
+def claim_name(temp: Path, wanted: Path) -> Path:
+    """Place `temp` under `wanted` or the first free numbered name; returns the name it got."""
     for n in range(10_000):
         candidate = numbered(wanted, n)
         try:
-            os.link(temp, candidate)
+            place(temp, candidate)
+            return candidate
         except FileExistsError:
             continue
-        except OSError as exc:
-            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV):
-                raise
-            if candidate.exists():
-                continue
-            os.replace(temp, candidate)
-        else:
-            temp.unlink()
-        fsync_dir(candidate.parent)
-        return candidate
-    raise FileExistsError(f"no free name for {wanted}")
+    raise FileExistsError(errno.EEXIST, "no free name", str(wanted))
 
 
 def finish_temp(f: BinaryIO) -> None:
@@ -102,38 +115,63 @@ def finish_temp(f: BinaryIO) -> None:
     os.fsync(f.fileno())
 
 
-def move_file(source: Path, wanted: Path) -> Path:
-    """Move `source` to `wanted` (or a free numbered name) durably; returns where it went."""
-    wanted.parent.mkdir(parents=True, exist_ok=True)
-    for n in range(10_000):
-        candidate = numbered(wanted, n)
-        if candidate.exists():
-            continue
+def free_name(wanted: Path) -> Path:
+    """The first of wanted, wanted-1, wanted-2, ... that does not exist yet."""
+    n = 0
+    while numbered(wanted, n).exists():
+        n += 1
+    return numbered(wanted, n)
+
+
+def _same_content(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b) or filecmp.cmp(a, b, shallow=False)
+    except OSError:
+        return False
+
+
+def move_to(source: Path, target: Path) -> None:
+    """Move `source` to exactly `target`, durably; safe to run again after a crash part-way.
+
+    The caller picks `target` (a free name) and records it first. If `target` already holds the
+    same content, an earlier attempt got that far and only the source is left to remove. If it
+    holds something else, FileExistsError: the caller picks another name. Never overwrites.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        if not _same_content(source, target):
+            raise FileExistsError(errno.EEXIST, "a different file already has this name", str(target))
+    else:
         try:
-            os.link(source, candidate)  # same file system: atomic, and never clobbers
-        except FileExistsError:
-            continue
+            os.link(source, target)  # same file system: atomic, and never clobbers
         except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            if exc.errno not in NO_HARD_LINKS:
                 raise
-            return _copy_then_remove(source, wanted)
-        fsync_dir(candidate.parent)
-        source.unlink()
-        fsync_dir(source.parent)
-        return candidate
-    raise FileExistsError(f"no free name for {wanted}")
+            _copy_into_place(source, target)
+        fsync_dir(target.parent)
+    source.unlink()
+    fsync_dir(source.parent)
 
 
-def _copy_then_remove(source: Path, wanted: Path) -> Path:
-    with temporary_file(wanted.parent) as (temp, f):
+def move_file(source: Path, wanted: Path) -> Path:
+    """Move `source` to `wanted` or the first free numbered name; returns where it went."""
+    while True:
+        target = free_name(wanted)
+        try:
+            move_to(source, target)
+            return target
+        except FileExistsError:
+            continue  # another program took the name between the check and the move
+
+
+def _copy_into_place(source: Path, target: Path) -> None:
+    """Across file systems: copy to a temporary file beside `target`, fsync, then link it in."""
+    with temporary_file(target.parent) as (temp, f):
         with open(source, "rb") as src:
             shutil.copyfileobj(src, f, 1024 * 1024)
         finish_temp(f)
         shutil.copystat(source, temp)
-        final = claim_name(temp, wanted)
-    source.unlink()
-    fsync_dir(source.parent)
-    return final
+        place(temp, target)
 
 
 def write_json_atomically(path: Path, data: dict[str, Any]) -> Path:

@@ -19,11 +19,14 @@ import structlog
 
 from . import stages
 from .api import PollVerdict, SubmitVerdict
-from .journal import IN_FLIGHT_STATES, Job, JobState, StaleTransition
+from .journal import FINAL_STATES, IN_FLIGHT_STATES, Job, JobState, StaleTransition
 from .outbox import remove_temporaries
 from .watcher import InboxWatcher
 
 log = structlog.get_logger("daemon.scheduler")
+
+LOOP_ERROR_PAUSE = 2.0
+"""Seconds to pause after a pass failed as a whole, so a persistent fault does not spin."""
 
 MAX_SLEEP = 0.5
 """The loop's longest nap: bounds how late it notices a stop flag set by a signal handler."""
@@ -117,9 +120,11 @@ class Scheduler:
         self._submitted_clock: dict[int, float] = {}
         self._expected: float | None = None
         self._next_heartbeat = 0.0
+        self._stage_errors: dict[int, int] = {}
         self.polls_sent = 0
         self.last_pass = clock()
         ctx.notify = self.wake.set
+        ctx.stopping = lambda: self.stop_requested
 
     # ------------------------------------------------------------------ the loop
 
@@ -128,13 +133,17 @@ class Scheduler:
         self.recover()
         try:
             while not self.stop_requested:
-                self.collect_finished()
-                self.take_new_files()
-                self.fail_overdue_jobs()
-                self.start_submits()
-                self.start_polls()
-                self.start_finishing()
-                self.heartbeat()
+                try:
+                    self.collect_finished()
+                    self.take_new_files()
+                    self.fail_overdue_jobs()
+                    self.start_submits()
+                    self.start_polls()
+                    self.start_finishing()
+                    self.heartbeat()
+                except Exception as exc:  # noqa: BLE001 - e.g. the state disk is full: wait, then go on
+                    log.error("loop.error", error=f"{type(exc).__name__}: {exc}", exc_info=True)
+                    self.wake.wait(LOOP_ERROR_PAUSE)
                 self.sleep_until_due()
         finally:
             self.ctx.journal.set_meta("paused", None)
@@ -349,12 +358,12 @@ class Scheduler:
     def _after_stage_error(self, job: Job, exc: Exception) -> None:
         """An unexpected error (disk full, folder not writable): keep the job and retry it later."""
         current = self.ctx.journal.get(job.id)
-        log.error("job.stage_error", stage=getattr(job.state, "value", "?"), error=f"{type(exc).__name__}: {exc}",
-                  exc_info=not isinstance(exc, OSError))
-        if current is None or current.state in (JobState.DONE, JobState.FAILED, JobState.VANISHED):
+        errors = self._stage_errors[job.id] = self._stage_errors.get(job.id, 0) + 1
+        delay = stages.backoff_delay(errors, base=2.0, cap=120.0)
+        log.error("job.stage_error", stage=job.state.value, error=f"{type(exc).__name__}: {exc}",
+                  retry_in=round(delay, 1), exc_info=not isinstance(exc, OSError))
+        if current is None or current.state in FINAL_STATES:
             return
-        attempts = current.download_attempts + 1
-        delay = stages.backoff_delay(attempts, base=2.0, cap=120.0)
         changes = {"not_before": self.ctx.wall() + delay, "last_error": f"{type(exc).__name__}: {exc}"}
         try:
             if current.state is JobState.PUBLISHING:
@@ -362,6 +371,6 @@ class Scheduler:
             elif current.state is JobState.SUBMITTING:
                 stages.fail(self.ctx, current, "submit_ambiguous", f"unexpected error while submitting: {exc}")
             else:
-                self.ctx.journal.update(current, download_attempts=attempts, **changes)
+                self.ctx.journal.update(current, **changes)
         except Exception as inner:  # noqa: BLE001 - e.g. the journal itself is unwritable; retried next pass
             log.error("journal.write_failed", error=f"{type(inner).__name__}: {inner}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,13 +18,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import structlog
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
-from .api import ApiClient, PollAnswer, PollVerdict, SubmitAnswer, SubmitVerdict, choose_polling_url
+from .api import (ApiClient, DownloadError, PollAnswer, PollVerdict, SubmitAnswer, SubmitVerdict,
+                  choose_polling_url)
 from .config import Config
 from .hosting import HostingAdapter, HostingError, key_for_logs, new_key
 from .journal import Job, Journal, JobState, StaleTransition
-from .outbox import Folders, claim_name, finish_temp, move_file, numbered, temporary_file, write_json_atomically
+from .outbox import Folders, claim_name, finish_temp, free_name, move_to, temporary_file, write_json_atomically
 from .preflight import PreflightError, check_image
 
 log = structlog.get_logger("daemon.stages")
@@ -53,6 +55,8 @@ class Context:
     notify: Callable[[], None] = lambda: None
     """Wakes the scheduler, e.g. the moment a job frees its in-flight slot."""
     wall: Callable[[], float] = time.time
+    stopping: Callable[[], bool] = lambda: False
+    """True once a stop was requested: no new submit is started after that."""
 
 
 @dataclass(frozen=True)
@@ -68,12 +72,23 @@ class StageOutcome:
 
 
 def launch(ctx: Context, job: Job) -> StageOutcome:
-    """PUBLISHING -> preflight, publish, submit -> SUBMITTED (or back to PENDING, or FAILING)."""
+    """PUBLISHING -> preflight, publish, submit -> SUBMITTED (or back to PENDING, or FAILING).
+
+    Identical content with identical parameters is never paid for twice: a job whose twin is done
+    reuses its result, and one whose twin is still in flight waits for it.
+    """
     source = ctx.inbox / job.rel_path
+    if job.output_path and Path(job.output_path).exists():  # a reused result placed before a crash
+        finish_delivery(ctx, ctx.journal.transition(job, JobState.DELIVERING, "reused result already in place"))
+        return StageOutcome(job.id)
     if not os.path.lexists(source):
         ctx.journal.transition(job, JobState.VANISHED, "left the inbox before it was sent")
         log.info("file.vanished", rel_path=job.rel_path, job_id=job.id)
         return StageOutcome(job.id)
+    if job.sha256 and not changed_since_taken(source, job):  # cheap re-check while waiting for a twin
+        twin = ctx.journal.find_twin(job)
+        if twin is not None and twin.state is not JobState.DONE:
+            return _wait_for_twin(ctx, job, twin)
     try:
         checked = check_image(source, ctx.staging, f"job-{job.id}", max_pixels=ctx.config.preflight.max_pixels)
     except PreflightError as exc:
@@ -83,12 +98,22 @@ def launch(ctx: Context, job: Job) -> StageOutcome:
         fail(ctx, job, "preflight", exc.reason)
         return StageOutcome(job.id)
     st = os.stat(source)
-    key = new_key(".png" if checked.content_type == "image/png" else ".jpg")
-    job = ctx.journal.update(job, sha256=checked.sha256, size=st.st_size, mtime_ns=st.st_mtime_ns,
-                             upload_path=str(checked.upload_path), hosted_key=key)
+    job, twin = ctx.journal.claim_content(job, sha256=checked.sha256, size=st.st_size, mtime_ns=st.st_mtime_ns,
+                                          upload_path=str(checked.upload_path))
+    if twin is not None:
+        if _reuse_result(ctx, job, twin):
+            return StageOutcome(job.id)
+        if twin.state is not JobState.DONE:
+            return _wait_for_twin(ctx, job, twin)
+        log.info("job.duplicate_result_gone", rel_path=job.rel_path, job_id=job.id, twin=twin.id,
+                 reason="the earlier output and media URL are gone; submitting again")
     if checked.converted:
         log.info("file.converted", rel_path=job.rel_path, job_id=job.id, source_format=checked.source_format,
                  width=checked.width, height=checked.height)
+    if ctx.stopping():
+        return _back_to_pending(ctx, job, "stopping: not submitted", count_attempt=False, retry_after=0, quiet=True)
+    key = new_key(".png" if checked.content_type == "image/png" else ".jpg")
+    job = ctx.journal.update(job, hosted_key=key)  # recorded before publishing: no object the journal misses
     try:
         url = ctx.host.publish(key, checked.upload_path, checked.content_type)
     except HostingError as exc:
@@ -101,6 +126,61 @@ def launch(ctx: Context, job: Job) -> StageOutcome:
     answer = ctx.api.submit(url, job.params)
     took = round(time.monotonic() - started, 3)
     return StageOutcome(job.id, submit=_record_submit(ctx, job, answer, took))
+
+
+def changed_since_taken(source: Path, job: Job) -> bool:
+    """True when the file in the inbox is no longer the content this job recorded."""
+    try:
+        st = os.stat(source, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return (st.st_size, st.st_mtime_ns) != (job.size, job.mtime_ns)
+
+
+def _wait_for_twin(ctx: Context, job: Job, twin: Job) -> StageOutcome:
+    """Identical content is in flight in another job: wait for its result instead of paying again."""
+    if job.duplicate_of != twin.id:
+        log.info("job.waiting_for_duplicate", rel_path=job.rel_path, job_id=job.id, twin=twin.id,
+                 twin_file=twin.rel_path)
+    delay = max(1.0, ctx.config.api.poll_interval)
+    ctx.journal.transition(job, JobState.PENDING, f"waiting for job #{twin.id} with the same content",
+                           duplicate_of=twin.id, not_before=ctx.wall() + delay)
+    ctx.notify()
+    return StageOutcome(job.id)
+
+
+def _reuse_result(ctx: Context, job: Job, twin: Job) -> bool:
+    """Produce this job's output from its twin's: a copy of its output, or its media URL again."""
+    twin_output = Path(twin.output_path) if twin.output_path else None
+    if twin_output is not None and twin_output.exists():
+        origin = "outbox copy"
+    elif twin.state is JobState.DONE and twin.media_url:
+        origin = "media URL"
+    else:
+        return False
+    wanted = ctx.folders.output_path(job.rel_path)
+    with temporary_file(wanted.parent) as (temp, f):
+        try:
+            if origin == "outbox copy":
+                with open(twin_output, "rb") as src:
+                    shutil.copyfileobj(src, f, 1024 * 1024)
+            else:
+                ctx.api.download(twin.media_url, f, int(ctx.config.api.max_download_mb * 1024 * 1024))
+            finish_temp(f)
+            _ensure_png(temp)
+        except (DownloadError, FileNotFoundError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+            log.info("job.duplicate_reuse_failed", rel_path=job.rel_path, job_id=job.id, twin=twin.id, error=str(exc))
+            return False
+        output = _place_output(ctx, job, temp, wanted)
+    job = ctx.journal.transition(ctx.journal.get(job.id), JobState.DELIVERING,
+                                 f"same content and parameters as job #{twin.id}: result reused",
+                                 duplicate_of=twin.id, output_path=str(output))
+    ctx.journal.add_to_counter("duplicates_skipped")
+    ctx.notify()
+    log.info("job.duplicate", rel_path=job.rel_path, job_id=job.id, twin=twin.id, twin_file=twin.rel_path,
+             reused=origin, output=str(output))
+    finish_delivery(ctx, job)
+    return True
 
 
 def _record_submit(ctx: Context, job: Job, answer: SubmitAnswer, took: float) -> SubmitAnswer:
@@ -180,13 +260,6 @@ def poll(ctx: Context, job: Job) -> StageOutcome:
 # --------------------------------------------------------------------------- deliver
 
 
-def _free_name(path: Path) -> Path:
-    n = 0
-    while numbered(path, n).exists():
-        n += 1
-    return numbered(path, n)
-
-
 def deliver(ctx: Context, job: Job) -> None:
     """DOWNLOADING -> result into the outbox (atomically) -> DELIVERING -> archive -> DONE."""
     if job.output_path and Path(job.output_path).exists():
@@ -207,8 +280,6 @@ def _download_into_outbox(ctx: Context, job: Job) -> Path | None:
     max_bytes = int(ctx.config.api.max_download_mb * 1024 * 1024)
     started = time.monotonic()
     with temporary_file(wanted.parent) as (temp, f):
-        from .api import DownloadError
-
         try:
             size = ctx.api.download(job.media_url, f, max_bytes)
             finish_temp(f)
@@ -219,16 +290,22 @@ def _download_into_outbox(ctx: Context, job: Job) -> Path | None:
         except (OSError, SyntaxError, ValueError) as exc:
             _download_failed(ctx, job, f"the result is not a readable image: {exc}", retryable=True)
             return None
-        intended = _free_name(wanted)
-        job = ctx.journal.update(job, output_path=str(intended))  # recorded first: a crash never doubles it
-        output = claim_name(temp, intended)
-        if output != intended:
-            ctx.journal.update(job, output_path=str(output))
+        output = _place_output(ctx, job, temp, wanted)
+    log.info("job.downloaded", rel_path=job.rel_path, job_id=job.id, bytes=size,
+             duration=round(time.monotonic() - started, 3))
+    return output
+
+
+def _place_output(ctx: Context, job: Job, temp: Path, wanted: Path) -> Path:
+    """Link the finished temp file into the outbox under a free name recorded first (no doubles)."""
+    intended = free_name(wanted)
+    job = ctx.journal.update(ctx.journal.get(job.id), output_path=str(intended))
+    output = claim_name(temp, intended)
+    if output != intended:
+        ctx.journal.update(job, output_path=str(output))
     if output.name != wanted.name:
         log.warning("output.renamed", rel_path=job.rel_path, job_id=job.id, wanted=str(wanted), output=str(output),
                     reason="a file of that name already exists in the outbox")
-    log.info("job.downloaded", rel_path=job.rel_path, job_id=job.id, bytes=size,
-             duration=round(time.monotonic() - started, 3))
     return output
 
 
@@ -259,15 +336,30 @@ def _download_failed(ctx: Context, job: Job, reason: str, retryable: bool) -> No
 def finish_delivery(ctx: Context, job: Job) -> None:
     """DELIVERING -> original to the archive, publication gone -> DONE. Safe to run again."""
     source = ctx.inbox / job.rel_path
-    if job.final_path is None and os.path.lexists(source):
-        archived = move_file(source, ctx.folders.archive_path(job.rel_path))
-        job = ctx.journal.update(job, final_path=str(archived))
-        log.info("file.archived", rel_path=job.rel_path, job_id=job.id, archived=str(archived))
+    if os.path.lexists(source):
+        if changed_since_taken(source, job):
+            log.warning("file.changed_after_taken", rel_path=job.rel_path, job_id=job.id,
+                        detail="left in the inbox; its new content is taken as new work")
+        else:
+            job = _move_original(ctx, job, source, ctx.folders.archive_path(job.rel_path))
+            log.info("file.archived", rel_path=job.rel_path, job_id=job.id, archived=job.final_path)
     _unpublish(ctx, job)
     _remove_staged(ctx, job)
     job = ctx.journal.transition(job, JobState.DONE, "restored", finished_at=ctx.wall())
     log.info("job.done", rel_path=job.rel_path, job_id=job.id, request_id=job.request_id, output=job.output_path,
              duration=round(job.finished_at - job.created_at, 3))
+
+
+def _move_original(ctx: Context, job: Job, source: Path, wanted: Path) -> Job:
+    """Move the original to a free name under `wanted`, recording the name before moving."""
+    if job.final_path is None:
+        job = ctx.journal.update(job, final_path=str(free_name(wanted)))
+    while True:
+        try:
+            move_to(source, Path(job.final_path))
+            return job
+        except FileExistsError:  # someone else's file took the name since: pick the next one
+            job = ctx.journal.update(job, final_path=str(free_name(wanted)))
 
 
 # --------------------------------------------------------------------------- fail
@@ -287,10 +379,9 @@ def finish_failing(ctx: Context, job: Job, api_error: str | None = None) -> None
     """FAILING -> the original into failed/ beside <name>.error.json -> FAILED. Safe to run again."""
     _unpublish(ctx, job)
     source = ctx.inbox / job.rel_path
+    if os.path.lexists(source) and not changed_since_taken(source, job):
+        job = _move_original(ctx, job, source, ctx.folders.failed_path(job.rel_path))
     final = Path(job.final_path) if job.final_path else None
-    if final is None and os.path.lexists(source):
-        final = move_file(source, ctx.folders.failed_path(job.rel_path))
-        job = ctx.journal.update(job, final_path=str(final))
     record_path = (final or ctx.folders.failed_path(job.rel_path))
     record_path = record_path.with_name(record_path.name + ".error.json")
     if not record_path.exists():

@@ -123,9 +123,13 @@ class SettleTracker:
                 for p, c in self._files.items() if self._is_settled(c, now)]
 
     def next_deadline(self, now: float) -> float | None:
-        """The earliest time a tracked file could settle, for the caller's sleep."""
-        times = [c.stable_since + self.settle_seconds for c in self._files.values()]
-        return max(min(times), now) if times else None
+        """The earliest future time a tracked file could settle, for the caller's sleep.
+
+        Files already settled are left out: they are either handed back on this pass or wait for
+        their job to end, and counting them would make the caller spin.
+        """
+        times = [t for c in self._files.values() if (t := c.stable_since + self.settle_seconds) > now]
+        return min(times) if times else None
 
 
 class _EventHandler(FileSystemEventHandler):
@@ -196,7 +200,9 @@ class InboxWatcher:
     def take_settled(self, busy_paths: set[str]) -> list[Sighting]:
         """Drain events, rescan when due, stat what changed, and hand back the settled files.
 
-        `busy_paths` are files that already have an unfinished job; they are not tracked again.
+        `busy_paths` are files that already have an unfinished job. They stay tracked but are not
+        handed back until their job has ended, so a file changed after it was taken (and left in the
+        inbox) comes back as new work.
         """
         now = self._clock()
         touched: set[str] = set()
@@ -206,11 +212,8 @@ class InboxWatcher:
                 touched.update(self._scan(self.inbox))
             touched.update(self._drain_events(now))
             for rel_path in touched | set(self._tracker.paths()):
-                if rel_path in busy_paths:
-                    self._tracker.forget(rel_path)
-                else:
-                    self._stat_into_tracker(rel_path, now)
-            ready = self._tracker.settled(now)
+                self._stat_into_tracker(rel_path, now)
+            ready = [s for s in self._tracker.settled(now) if s.rel_path not in busy_paths]
             for sighting in ready:
                 self._tracker.forget(sighting.rel_path)
         return ready

@@ -53,3 +53,5 @@ def test_next_deadline_is_the_earliest_settle_time():
     tracker.observe("a.jpg", 1, 1, now=1.0)
     tracker.observe("b.jpg", 1, 1, now=0.5)
     assert tracker.next_deadline(1.0) == 2.5
+    assert tracker.next_deadline(2.7) == 3.0
+    assert tracker.next_deadline(3.0) is None  # both settled: nothing left to wake up for
