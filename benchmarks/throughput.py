@@ -3,8 +3,12 @@
 A real daemon process (so its CPU and memory are its own) watches an inbox, against the gateway
 emulator running in this process; everything stays on 127.0.0.1. A burst of scans is renamed into the
 inbox at once, and the wall time from the first drop to the last output is compared with the ideal,
-ceil(files / slots) x latency. It prints figures; it is not a test. Exit 1 only if a run could not
-complete.
+ceil(files / slots) x latency, where slots is the smaller of api.max_in_flight and the provider's 8.
+It prints figures; it is not a test. Exit 1 only if a run could not complete.
+
+The emulator renders each output within its latency, but it shares this machine's CPU with the
+daemon, so under load the provider's own time can still exceed `latency`. "Provider time over
+latency" and "slot utilisation" tell that part apart from the time the daemon leaves a slot idle.
 
     .venv/bin/python benchmarks/throughput.py [--files 64] [--repeat 3] [--json]
 """

@@ -261,6 +261,10 @@ class ApiClient:
         adapter = HTTPAdapter(max_retries=transport_retry(), pool_maxsize=32)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
+        # Submits get a pool of their own (the longest mounted prefix wins), and close their
+        # connection after every answer: a submit never rides on a keep-alive connection that a
+        # poll left behind and the server may be closing, which would make it ambiguous.
+        self.session.mount(self.generate_url, HTTPAdapter(max_retries=transport_retry(), pool_maxsize=8))
         self.timeout = (config.connect_timeout, config.read_timeout)
 
     def set_key(self, api_key: Secret) -> None:
@@ -273,12 +277,12 @@ class ApiClient:
     def generate_url(self) -> str:
         return f"{self.config.base_url.rstrip('/')}/codeformer/generate"
 
-    def submit(self, image_url: str, params: dict[str, Any]) -> SubmitAnswer:
+    def submit(self, image_url: str, params: dict[str, Any], webhook_url: str | None = None) -> SubmitAnswer:
         """POST one job. Never raises for network trouble: it is folded into the answer."""
         body = dict(params, image=image_url)
-        # A fresh connection per submit: a pooled one the server has just closed would fail after
-        # the request was written, which is indistinguishable from a lost answer (ambiguous).
-        headers = dict(self._api_headers(), Connection="close")
+        headers = dict(self._api_headers(), Connection="close")  # a fresh connection every time
+        if webhook_url:
+            headers["X-Webhook-URL"] = webhook_url
         try:
             response = self.session.post(self.generate_url, json=body, headers=headers, timeout=self.timeout)
         except requests.RequestException as exc:

@@ -105,6 +105,7 @@ class BuiltinHostConfig:
 
     listen: str = "0.0.0.0:8089"
     public_url: str | None = None
+    webhook: bool = True
 
 
 @dataclass(frozen=True)

@@ -25,27 +25,41 @@ from .watcher import InboxWatcher
 
 log = structlog.get_logger("daemon.scheduler")
 
+CHECKS_AHEAD_AT_ONCE = 2
+"""Preflights run ahead of free slots at once; few, so submits and polls keep the workers they need."""
+
 LOOP_ERROR_PAUSE = 2.0
 """Seconds to pause after a pass failed as a whole, so a persistent fault does not spin."""
 
 MAX_SLEEP = 0.5
 """The loop's longest nap: bounds how late it notices a stop flag set by a signal handler."""
 
-PREDICTION_MARGIN = 0.03
-"""Seconds after a job's predicted completion at which to look (covers clock and network jitter)."""
+PREDICTION_MARGIN = 0.02
+"""Seconds after a job's predicted completion at which to look (covers timer and network jitter)."""
+
+FOLLOW_UP_WINDOW = 0.25
+"""For this share of the expected time after the predicted finish, follow-up polls come quicker."""
 
 
-def next_poll_time(now: float, submitted_at: float | None, interval: float, expected: float | None) -> float:
-    """When to poll a job next: every `interval`, plus once right when the job is expected to finish.
+def next_poll_time(now: float, sent_at: float | None, interval: float, expected: float | None) -> float:
+    """When to poll a job next: every `interval`, plus right when the job is expected to finish.
 
-    `expected` is the provider's typical processing time, learnt from its own completed_at - created_at;
-    polling just after it cuts the wait after completion without polling more often.
+    `expected` is the provider's typical processing time, learnt from its own completed_at -
+    created_at, and `sent_at` is when the submit left. Just after the expected finish the job is
+    looked at again after short, growing pauses for a little while (a job rarely runs exactly to
+    the average), then the plain interval takes over. This cuts the wait after completion by far
+    more than it adds polls.
     """
     grid = now + interval
-    if expected is None or submitted_at is None:
+    if expected is None or sent_at is None:
         return grid
-    predicted = submitted_at + expected + PREDICTION_MARGIN
-    return predicted if now < predicted < grid else grid
+    predicted = sent_at + expected + PREDICTION_MARGIN
+    if now < predicted:
+        return min(predicted, grid)
+    overdue = now - predicted
+    if overdue < expected * FOLLOW_UP_WINDOW:
+        return min(grid, now + max(2 * PREDICTION_MARGIN, overdue))
+    return grid
 
 
 class SubmitGate:
@@ -109,7 +123,9 @@ class Scheduler:
         self.max_in_flight = api.max_in_flight
         self.poll_interval = api.poll_interval
         self.job_timeout = api.job_timeout
-        self.pool = ThreadPoolExecutor(max_workers=workers or min(32, self.max_in_flight + 4),
+        # Room for every slot's launch or poll, every delivery of a finished job, and the checks
+        # ahead: a freed slot's next launch must never queue behind downloads.
+        self.pool = ThreadPoolExecutor(max_workers=workers or min(64, 2 * self.max_in_flight + CHECKS_AHEAD_AT_ONCE),
                                        thread_name_prefix="stage")
         self.wake = wake or threading.Event()
         self.stop_requested = False
@@ -125,6 +141,8 @@ class Scheduler:
         self.last_pass = clock()
         ctx.notify = self.wake.set
         ctx.stopping = lambda: self.stop_requested
+        ctx.poll_now = self.poll_now
+        self._poll_requests: queue.SimpleQueue[int] = queue.SimpleQueue()
 
     # ------------------------------------------------------------------ the loop
 
@@ -133,11 +151,13 @@ class Scheduler:
         self.recover()
         try:
             while not self.stop_requested:
+                self.wake.clear()  # before the pass: a wake-up during it makes the next nap return at once
                 try:
                     self.collect_finished()
                     self.take_new_files()
                     self.fail_overdue_jobs()
                     self.start_submits()
+                    self.start_checks_ahead()
                     self.start_polls()
                     self.start_finishing()
                     self.heartbeat()
@@ -224,8 +244,9 @@ class Scheduler:
     def _on_submit(self, outcome: stages.StageOutcome, now: float) -> None:
         answer = outcome.submit
         if answer.verdict is SubmitVerdict.ACCEPTED:
-            self._submitted_clock[outcome.job_id] = now
-            self._next_poll[outcome.job_id] = next_poll_time(now, now, self.poll_interval, self._expected)
+            sent_at = outcome.sent_at if outcome.sent_at is not None else now
+            self._submitted_clock[outcome.job_id] = sent_at
+            self._next_poll[outcome.job_id] = next_poll_time(now, sent_at, self.poll_interval, self._expected)
         change = self.gate.on_submit(answer.verdict, now, answer.message)
         if change == "paused":
             log.error("submits.paused", reason=self.gate.reason, detail=answer.message,
@@ -301,8 +322,35 @@ class Scheduler:
             self._dispatch(job, "launch", stages.launch)
             allowed -= 1
 
+    def start_checks_ahead(self) -> None:
+        """Preflight the next few pending files while the slots are busy (at most two at a time)."""
+        if self.stop_requested:
+            return
+        checking = sum(r.kind == "check" for r in self._running.values())
+        if checking >= CHECKS_AHEAD_AT_ONCE:
+            return
+        now_wall = self.ctx.wall()
+        for job in self.ctx.journal.jobs_in(JobState.PENDING, limit=2 * self.max_in_flight):
+            if checking >= CHECKS_AHEAD_AT_ONCE:
+                return
+            if (job.id in self._running or job.id in self.ctx.prechecked or job.sha256
+                    or job.not_before > now_wall):
+                continue
+            self._dispatch(job, "check", stages.check_ahead)
+            checking += 1
+
+    def poll_now(self, job_id: int) -> None:
+        """Thread-safe: poll this job on the next pass (the provider's webhook said it changed)."""
+        self._poll_requests.put(job_id)
+        self.wake.set()
+
     def start_polls(self) -> None:
         now = self.clock()
+        while True:
+            try:
+                self._next_poll[self._poll_requests.get_nowait()] = now
+            except queue.Empty:
+                break
         for job in self.ctx.journal.jobs_in(JobState.SUBMITTED):
             if job.id in self._running:
                 continue
@@ -335,7 +383,6 @@ class Scheduler:
         timeout = min(deadlines) - now
         if timeout > 0:
             self.wake.wait(timeout)
-        self.wake.clear()
 
     # ------------------------------------------------------------------ the pool
 

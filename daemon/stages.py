@@ -13,7 +13,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from .config import Config
 from .hosting import HostingAdapter, HostingError, key_for_logs, new_key
 from .journal import Job, Journal, JobState, StaleTransition
 from .outbox import Folders, claim_name, finish_temp, free_name, move_to, temporary_file, write_json_atomically
-from .preflight import PreflightError, check_image
+from .preflight import PreflightError, PreflightResult, check_image
 
 log = structlog.get_logger("daemon.stages")
 
@@ -57,6 +57,10 @@ class Context:
     wall: Callable[[], float] = time.time
     stopping: Callable[[], bool] = lambda: False
     """True once a stop was requested: no new submit is started after that."""
+    poll_now: Callable[[int], None] = lambda job_id: None
+    """Asks the scheduler to poll a job at once (the provider's webhook said it changed)."""
+    prechecked: dict[int, tuple[PreflightResult, int, int]] = field(default_factory=dict)
+    """Preflight results of pending jobs, checked ahead of their slot: (result, size, mtime_ns)."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,8 @@ class StageOutcome:
     job_id: int
     submit: SubmitAnswer | None = None
     poll: PollAnswer | None = None
+    sent_at: float | None = None
+    """time.monotonic() when the submit left: the start of the provider's clock for this job."""
 
 
 # --------------------------------------------------------------------------- launch
@@ -89,14 +95,11 @@ def launch(ctx: Context, job: Job) -> StageOutcome:
         twin = ctx.journal.find_twin(job)
         if twin is not None and twin.state is not JobState.DONE:
             return _wait_for_twin(ctx, job, twin)
-    try:
-        checked = check_image(source, ctx.staging, f"job-{job.id}", max_pixels=ctx.config.preflight.max_pixels)
-    except PreflightError as exc:
-        if not os.path.lexists(source):
-            ctx.journal.transition(job, JobState.VANISHED, "left the inbox during preflight")
+    checked, size, mtime_ns = ctx.prechecked.pop(job.id, (None, None, None))
+    if checked is None or _stat_key(source) != (size, mtime_ns) or not checked.upload_path.exists():
+        checked = _preflight(ctx, job, source)
+        if checked is None:
             return StageOutcome(job.id)
-        fail(ctx, job, "preflight", exc.reason)
-        return StageOutcome(job.id)
     st = os.stat(source)
     job, twin = ctx.journal.claim_content(job, sha256=checked.sha256, size=st.st_size, mtime_ns=st.st_mtime_ns,
                                           upload_path=str(checked.upload_path))
@@ -107,9 +110,6 @@ def launch(ctx: Context, job: Job) -> StageOutcome:
             return _wait_for_twin(ctx, job, twin)
         log.info("job.duplicate_result_gone", rel_path=job.rel_path, job_id=job.id, twin=twin.id,
                  reason="the earlier output and media URL are gone; submitting again")
-    if checked.converted:
-        log.info("file.converted", rel_path=job.rel_path, job_id=job.id, source_format=checked.source_format,
-                 width=checked.width, height=checked.height)
     if ctx.stopping():
         return _back_to_pending(ctx, job, "stopping: not submitted", count_attempt=False, retry_after=0, quiet=True)
     key = new_key(".png" if checked.content_type == "image/png" else ".jpg")
@@ -121,11 +121,57 @@ def launch(ctx: Context, job: Job) -> StageOutcome:
     log.info("file.published", rel_path=job.rel_path, job_id=job.id, adapter=ctx.host.name,
              key=key_for_logs(key), bytes=checked.upload_path.stat().st_size)
 
+    webhook = None
+    if ctx.config.hosting.builtin.webhook:
+        job_id = job.id
+        webhook = ctx.host.open_callback(key.split(".")[0], lambda: ctx.poll_now(job_id))
     job = ctx.journal.transition(job, JobState.SUBMITTING, "submit about to be sent")
-    started = time.monotonic()
-    answer = ctx.api.submit(url, job.params)
-    took = round(time.monotonic() - started, 3)
-    return StageOutcome(job.id, submit=_record_submit(ctx, job, answer, took))
+    sent_at = time.monotonic()
+    answer = ctx.api.submit(url, job.params, webhook_url=webhook)
+    took = round(time.monotonic() - sent_at, 3)
+    return StageOutcome(job.id, submit=_record_submit(ctx, job, answer, took), sent_at=sent_at)
+
+
+def check_ahead(ctx: Context, job: Job) -> StageOutcome:
+    """PENDING: preflight a file before its slot frees, so a freed slot only publishes and submits.
+
+    Bad files fail here at once, even while every slot is busy. The result is kept in memory
+    with the file's size and mtime; `launch` checks again if either changed (or after a restart).
+    """
+    source = ctx.inbox / job.rel_path
+    checked = _preflight(ctx, job, source)
+    if checked is not None:
+        size, mtime_ns = _stat_key(source)
+        ctx.prechecked[job.id] = (checked, size, mtime_ns)
+    return StageOutcome(job.id)
+
+
+def _preflight(ctx: Context, job: Job, source: Path) -> PreflightResult | None:
+    """Run preflight; on a bad file fail the job (or mark it vanished) and return None."""
+    if not os.path.lexists(source):
+        ctx.journal.transition(job, JobState.VANISHED, "left the inbox before it was sent")
+        log.info("file.vanished", rel_path=job.rel_path, job_id=job.id)
+        return None
+    try:
+        checked = check_image(source, ctx.staging, f"job-{job.id}", max_pixels=ctx.config.preflight.max_pixels)
+    except PreflightError as exc:
+        if not os.path.lexists(source):
+            ctx.journal.transition(job, JobState.VANISHED, "left the inbox during preflight")
+            return None
+        fail(ctx, job, "preflight", exc.reason)
+        return None
+    if checked.converted:
+        log.info("file.converted", rel_path=job.rel_path, job_id=job.id, source_format=checked.source_format,
+                 width=checked.width, height=checked.height)
+    return checked
+
+
+def _stat_key(path: Path) -> tuple[int | None, int | None]:
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return None, None
+    return st.st_size, st.st_mtime_ns
 
 
 def changed_since_taken(source: Path, job: Job) -> bool:
@@ -408,6 +454,7 @@ def finish_failing(ctx: Context, job: Job, api_error: str | None = None) -> None
 
 def _unpublish(ctx: Context, job: Job) -> None:
     if job.hosted_key:
+        ctx.host.close_callback(job.hosted_key.split(".")[0])
         try:
             ctx.host.unpublish(job.hosted_key)
         except HostingError as exc:

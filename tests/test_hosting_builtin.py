@@ -25,7 +25,8 @@ def test_serves_a_published_file_and_nothing_else(tmp_path):
         assert requests.head(url, timeout=5).headers["Content-Length"] == str(scan.stat().st_size)
         for path in ("/", "/scan.jpg", "/other.jpg", f"/{key[:-4]}", "/../other.jpg", f"/{key}/../other.jpg"):
             assert requests.get(host.public_url + path, timeout=5).status_code == 404, path
-        assert requests.post(url, timeout=5).status_code in (405, 501)
+        assert requests.post(url, timeout=5).status_code == 404  # POST is only for webhook tokens
+        assert requests.put(url, data=b"x", timeout=5).status_code == 501
         host.unpublish(key)
         assert requests.get(url, timeout=5).status_code == 404
     finally:
@@ -49,5 +50,25 @@ def test_sweep_removes_what_the_journal_no_longer_needs(tmp_path):
         host.publish(keep, scan, "image/jpeg")
         host.publish(drop, scan, "image/jpeg")
         assert host.sweep({keep}) == 1 and host.published_count() == 1
+    finally:
+        host.stop()
+
+
+def test_webhook_callbacks_only_answer_their_own_token(tmp_path):
+    host = BuiltinHost("127.0.0.1:0")
+    host.start()
+    calls = []
+    try:
+        token = new_key("")
+        url = host.open_callback(token, lambda: calls.append(token))
+        assert url == f"{host.public_url}/hook/{token}"
+        assert requests.post(url, json={"status": "COMPLETED"}, timeout=5).status_code == 204
+        assert calls == [token]
+        assert requests.post(f"{host.public_url}/hook/{new_key('')}", json={}, timeout=5).status_code == 404
+        assert requests.post(url, data=b"x" * (65 * 1024), timeout=5).status_code == 404  # oversized body
+        assert requests.get(url, timeout=5).status_code == 404
+        host.close_callback(token)
+        assert requests.post(url, json={}, timeout=5).status_code == 404
+        assert calls == [token]
     finally:
         host.stop()

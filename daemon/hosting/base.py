@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 
 KEY_BYTES = 32
@@ -59,3 +60,14 @@ class HostingAdapter(abc.ABC):
 
     def stop(self) -> None:
         """Release what `start` took. Published keys the journal still needs survive if they can."""
+
+    def open_callback(self, token: str, on_call: Callable[[], None]) -> str | None:
+        """A URL that calls `on_call` when the provider POSTs to it (its completion webhook), or None.
+
+        Only adapters that run a server reachable by the provider can offer one. The call is a
+        hint, never trusted: the caller answers it by polling with its key.
+        """
+        return None
+
+    def close_callback(self, token: str) -> None:
+        """Forget a callback opened by `open_callback`; unknown tokens are fine."""

@@ -11,6 +11,7 @@ import re
 import shutil
 import socket
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
@@ -21,12 +22,15 @@ from .base import HostingAdapter, HostingError, key_for_logs
 log = structlog.get_logger("daemon.hosting.builtin")
 
 _KEY_PATH = re.compile(r"^/([A-Za-z0-9_-]{20,}\.[A-Za-z0-9]{1,5})$")
+_HOOK_PATH = re.compile(r"^/hook/([A-Za-z0-9_-]{20,})$")
+MAX_HOOK_BODY = 64 * 1024
 CHUNK = 256 * 1024
 
 
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 64  # the stdlib's 5 drops connections when a provider fetches in bursts
 
 
 class _Server6(_Server):
@@ -35,6 +39,7 @@ class _Server6(_Server):
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     server_version = "codeformer-daemon"
+    disable_nagle_algorithm = True  # headers and body go out in separate writes: no 40 ms stall
     sys_version = ""
     host: "BuiltinHost"
 
@@ -43,6 +48,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_HEAD(self) -> None:
         self._serve(with_body=False)
+
+    def do_POST(self) -> None:
+        """The provider's completion webhook: only known tokens, body read and ignored."""
+        match = _HOOK_PATH.match(self.path)
+        on_call = self.host._callbacks.get(match.group(1)) if match else None
+        length = self.headers.get("Content-Length", "0")
+        if on_call is None or not length.isdigit() or int(length) > MAX_HOOK_BODY:
+            self._not_found()
+            return
+        self.rfile.read(int(length))
+        self.send_response(204)
+        self.end_headers()
+        on_call()
 
     def _serve(self, with_body: bool) -> None:
         match = _KEY_PATH.match(self.path)
@@ -94,6 +112,7 @@ class BuiltinHost(HostingAdapter):
         self.listen = listen
         self._public_url = public_url.rstrip("/") if public_url else None
         self._files: dict[str, tuple[Path, str]] = {}
+        self._callbacks: dict[str, Callable[[], None]] = {}
         self._lock = threading.Lock()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -140,6 +159,13 @@ class BuiltinHost(HostingAdapter):
             for key in orphans:
                 del self._files[key]
         return len(orphans)
+
+    def open_callback(self, token: str, on_call: Callable[[], None]) -> str | None:
+        self._callbacks[token] = on_call
+        return f"{self.public_url}/hook/{token}"
+
+    def close_callback(self, token: str) -> None:
+        self._callbacks.pop(token, None)
 
     def published_count(self) -> int:
         with self._lock:
