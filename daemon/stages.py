@@ -213,10 +213,12 @@ def _reuse_result(ctx: Context, job: Job, twin: Job) -> bool:
             else:
                 ctx.api.download(twin.media_url, f, int(ctx.config.api.max_download_mb * 1024 * 1024))
             finish_temp(f)
-            _ensure_png(temp)
+            converted = _decode_result(temp)
         except (DownloadError, FileNotFoundError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
             log.info("job.duplicate_reuse_failed", rel_path=job.rel_path, job_id=job.id, twin=twin.id, error=str(exc))
             return False
+        if converted is not None:
+            _rewrite_as_png(temp, converted)
         output = _place_output(ctx, job, temp, wanted)
     job = ctx.journal.transition(ctx.journal.get(job.id), JobState.DELIVERING,
                                  f"same content and parameters as job #{twin.id}: result reused",
@@ -325,17 +327,22 @@ def _download_into_outbox(ctx: Context, job: Job) -> Path | None:
     wanted = ctx.folders.output_path(job.rel_path)
     max_bytes = int(ctx.config.api.max_download_mb * 1024 * 1024)
     started = time.monotonic()
+    # Errors writing the outbox (disk full, read-only) are not caught here: they reach the
+    # scheduler, which keeps the job and tries again later, however long the fault lasts.
     with temporary_file(wanted.parent) as (temp, f):
         try:
             size = ctx.api.download(job.media_url, f, max_bytes)
-            finish_temp(f)
-            _ensure_png(temp)
         except DownloadError as exc:
             _download_failed(ctx, job, str(exc), exc.retryable)
             return None
-        except (OSError, SyntaxError, ValueError) as exc:
+        finish_temp(f)
+        try:
+            converted = _decode_result(temp)
+        except (OSError, SyntaxError, ValueError) as exc:  # the bytes on disk are complete: a bad result
             _download_failed(ctx, job, f"the result is not a readable image: {exc}", retryable=True)
             return None
+        if converted is not None:
+            _rewrite_as_png(temp, converted)
         output = _place_output(ctx, job, temp, wanted)
     log.info("job.downloaded", rel_path=job.rel_path, job_id=job.id, bytes=size,
              duration=round(time.monotonic() - started, 3))
@@ -355,16 +362,19 @@ def _place_output(ctx: Context, job: Job, temp: Path, wanted: Path) -> Path:
     return output
 
 
-def _ensure_png(path: Path) -> None:
-    """Decode the result fully; if the provider sent another format, re-encode it as PNG in place."""
+def _decode_result(path: Path) -> Image.Image | None:
+    """Decode the result fully (proof it is an image); an image to re-save if it is not a PNG."""
     with Image.open(path) as image:
         image.load()
         if image.format == "PNG":
-            return
-        converted = image.convert("RGBA" if "A" in image.getbands() else "RGB")
+            return None
+        return image.convert("RGBA" if "A" in image.getbands() else "RGB")
+
+
+def _rewrite_as_png(path: Path, image: Image.Image) -> None:
     with open(path, "r+b") as f:
         f.truncate(0)
-        converted.save(f, format="PNG")
+        image.save(f, format="PNG")
         finish_temp(f)
 
 

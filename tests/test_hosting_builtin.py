@@ -65,7 +65,11 @@ def test_webhook_callbacks_only_answer_their_own_token(tmp_path):
         assert requests.post(url, json={"status": "COMPLETED"}, timeout=5).status_code == 204
         assert calls == [token]
         assert requests.post(f"{host.public_url}/hook/{new_key('')}", json={}, timeout=5).status_code == 404
-        assert requests.post(url, data=b"x" * (65 * 1024), timeout=5).status_code == 404  # oversized body
+        try:  # an oversized body is refused unread: a 404, or a reset while the client is still sending
+            refused = requests.post(url, data=b"x" * (65 * 1024), timeout=5).status_code == 404
+        except requests.ConnectionError:
+            refused = True
+        assert refused and calls == [token]
         assert requests.get(url, timeout=5).status_code == 404
         host.close_callback(token)
         assert requests.post(url, json={}, timeout=5).status_code == 404

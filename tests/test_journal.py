@@ -85,3 +85,32 @@ def test_read_only_journal_reads_beside_a_writer(journal):
     reader = Journal(journal.path, read_only=True)
     assert reader.summary(0)["counts"]["pending"] == 1
     reader.close()
+
+
+V1_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT INTO meta VALUES ('schema_version', '1');
+CREATE TABLE jobs (id INTEGER PRIMARY KEY, rel_path TEXT NOT NULL, state TEXT NOT NULL, size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL, params TEXT NOT NULL, sha256 TEXT, upload_path TEXT, hosted_key TEXT,
+    request_id TEXT, polling_url TEXT, remote_status TEXT, media_url TEXT, output_path TEXT, final_path TEXT,
+    submit_attempts INTEGER NOT NULL DEFAULT 0, download_attempts INTEGER NOT NULL DEFAULT 0,
+    not_before REAL NOT NULL DEFAULT 0, last_error TEXT, error_kind TEXT, created_at REAL NOT NULL,
+    updated_at REAL NOT NULL, submitted_at REAL, finished_at REAL);
+CREATE TABLE job_events (id INTEGER PRIMARY KEY, job_id INTEGER NOT NULL, at REAL NOT NULL, from_state TEXT,
+    to_state TEXT NOT NULL, detail TEXT);
+INSERT INTO jobs (rel_path, state, size, mtime_ns, params, request_id, created_at, updated_at, submitted_at)
+    VALUES ('old.jpg', 'submitted', 5, 1, '{"upscale": 2}', 'req-from-v1', 1.0, 1.0, 1.0);
+"""
+
+
+def test_a_version_1_journal_is_migrated_in_place_keeping_its_jobs(tmp_path):
+    path = tmp_path / "journal.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(V1_SCHEMA)
+    db.close()
+    journal = Journal(path)
+    assert journal.get_meta("schema_version") == "2"
+    [job] = journal.jobs_in(JobState.SUBMITTED)
+    assert job.request_id == "req-from-v1" and job.duplicate_of is None
+    journal.update(job, duplicate_of=None, sha256="abc")  # the new column and index are usable
+    journal.close()
