@@ -116,7 +116,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_emulator(args: argparse.Namespace) -> int:
     from . import emulator
 
-    return emulator.run(args)
+    try:
+        return emulator.run(args)
+    except ConfigError as exc:
+        return _error(str(exc), EXIT_CONFIG)
+    except OSError as exc:
+        return _error(f"--listen {args.listen}: cannot listen there: {exc.strerror or exc}", EXIT_FAILURE)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -29,6 +29,9 @@ from urllib.parse import urlsplit
 import requests
 from PIL import Image
 
+from .api import is_http_url
+from .config import parse_listen
+
 MODEL_ID = "codeformer-image-restoration"
 GENERATE_PATH = f"/{MODEL_ID}/v1/codeformer/generate"
 STATUS_PREFIX = "/v2/requests/status/"
@@ -104,14 +107,6 @@ def error_reply(code: int, error: str, message: str, headers: dict[str, str] | N
 
 
 # ---------------------------------------------------------------- pure decisions
-
-
-def is_http_url(value: Any) -> bool:
-    """The gateway only fetches inputs and calls webhooks over http(s)."""
-    if not isinstance(value, str):
-        return False
-    parts = urlsplit(value)
-    return parts.scheme in ("http", "https") and bool(parts.netloc)
 
 
 def is_number(value: Any) -> bool:
@@ -220,14 +215,6 @@ def validate_settings(body: Any) -> str | None:
     return None
 
 
-def parse_listen(listen: str) -> tuple[str, int]:
-    """Split "HOST:PORT" (port 0 picks a free one)."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"expected HOST:PORT, got {listen!r}")
-    return host or "127.0.0.1", int(port)
-
-
 def decode_image(data: bytes) -> Image.Image | str:
     """The decoded image, or why Pillow could not read it."""
     try:
@@ -280,7 +267,7 @@ class GatewayEmulator:
     def __init__(self, listen: str = "127.0.0.1:0", *, api_key: str = "emulator-key",
                  latency: float = 0.2, max_concurrent: int = 0, balance: float | None = None,
                  rate_limit: float | None = None) -> None:
-        self._host, self._port = parse_listen(listen)
+        self._host, self._port = parse_listen(listen, "--listen")
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._stopping = threading.Event()

@@ -70,3 +70,8 @@ def test_demo_restores_generated_scans_and_refuses_a_used_folder(tmp_path):
     assert len(visible_files(tmp_path / "demo here" / "archive")) == 4
     again = cli("demo", "--dir", "demo here", cwd=tmp_path)
     assert again.returncode == 1 and "not empty" in again.stderr
+
+
+def test_emulator_refuses_a_bad_listen_address_with_a_clear_error():
+    result = cli("emulator", "--listen", "nonsense")
+    assert result.returncode == 2 and "--listen" in result.stderr and "Traceback" not in result.stderr

@@ -16,6 +16,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+
+from daemon.config import ConfigError
 import requests
 from PIL import Image
 
@@ -475,8 +477,8 @@ def test_pure_helpers():
     assert emu_mod.retry_after_seconds(0.25, 10.0, 11.5) == 3
     assert emu_mod.retry_after_seconds(4, 10.0, 10.3) is None
     assert emu_mod.parse_listen("0.0.0.0:8787") == ("0.0.0.0", 8787)
-    with pytest.raises(ValueError):
-        emu_mod.parse_listen("localhost")
+    with pytest.raises(ConfigError, match="--listen"):
+        GatewayEmulator("localhost")
     assert emu_mod.validate_generate_body({"image": "https://h/x.png", "upscale": 8,
                                            "codeformer_fidelity": 0}) is None
 
