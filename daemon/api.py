@@ -242,6 +242,22 @@ def choose_polling_url(polling_url: str | None, request_id: str, config: ApiConf
 # --------------------------------------------------------------------------- the client
 
 
+class FreshConnectionAdapter(HTTPAdapter):
+    """Sends every request on a new connection that is never reused.
+
+    `PoolManager.clear()` leaves the request in flight alone but closes its connection when it is
+    released, whatever the server's answer said about keep-alive. A submit must never ride on a
+    connection the server may already have closed: that fails *after* the request was written,
+    which cannot be told apart from a lost answer, and a lost answer is never resent.
+    """
+
+    def send(self, request, **kwargs):  # type: ignore[override]
+        try:
+            return super().send(request, **kwargs)
+        finally:
+            self.poolmanager.clear()
+
+
 def transport_retry() -> Retry:
     """Short transport-level retries. POST is left out of read/status retries: resending a submit costs."""
     return Retry(total=4, connect=3, read=1, status=2, other=0, backoff_factor=0.2, backoff_max=2.0,
@@ -261,10 +277,9 @@ class ApiClient:
         adapter = HTTPAdapter(max_retries=transport_retry(), pool_maxsize=32)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
-        # Submits get a pool of their own (the longest mounted prefix wins), and close their
-        # connection after every answer: a submit never rides on a keep-alive connection that a
-        # poll left behind and the server may be closing, which would make it ambiguous.
-        self.session.mount(self.generate_url, HTTPAdapter(max_retries=transport_retry(), pool_maxsize=8))
+        # Submits get an adapter of their own (the longest mounted prefix wins) whose connections
+        # are never reused: not one a poll left behind, nor one an earlier submit used.
+        self.session.mount(self.generate_url, FreshConnectionAdapter(max_retries=transport_retry()))
         self.timeout = (config.connect_timeout, config.read_timeout)
 
     def set_key(self, api_key: Secret) -> None:
@@ -280,7 +295,7 @@ class ApiClient:
     def submit(self, image_url: str, params: dict[str, Any], webhook_url: str | None = None) -> SubmitAnswer:
         """POST one job. Never raises for network trouble: it is folded into the answer."""
         body = dict(params, image=image_url)
-        headers = dict(self._api_headers(), Connection="close")  # a fresh connection every time
+        headers = dict(self._api_headers(), Connection="close")  # tell the server, too
         if webhook_url:
             headers["X-Webhook-URL"] = webhook_url
         try:

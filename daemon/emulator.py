@@ -644,6 +644,8 @@ class _Handler(BaseHTTPRequestHandler):
         for name, value in {"Content-Type": content_type, "Content-Length": str(length),
                             **headers}.items():
             self.send_header(name, value)
+        if self.close_connection:  # the client asked for it: say so, as HTTP/1.1 requires
+            self.send_header("Connection", "close")
         self.end_headers()
 
 

@@ -116,3 +116,47 @@ def test_the_key_only_travels_to_the_providers_own_origin():
     assert choose_polling_url("https://evil.example/steal/r1", "r1", config) == \
         "https://gw.example/v2/requests/status/r1"
     assert choose_polling_url(None, "r1", config) == "https://gw.example/v2/requests/status/r1"
+
+
+def test_submits_never_reuse_a_connection():
+    """A kept-alive connection the server may be closing would make a submit ambiguous.
+
+    The server here keeps every connection open whatever the client asks, so only the client's
+    own refusal to reuse connections can give each submit a new one.
+    """
+    import http.server
+    import threading
+
+    from daemon.api import ApiClient
+    from daemon.config import Secret
+
+    client_ports: list[int] = []
+
+    class KeepAlive(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            client_ports.append(self.client_address[1])
+            body = b'{"request_id": "r", "status": "QUEUED"}'
+            self.send_response(202)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            self.close_connection = False  # ignore the client's Connection: close
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), KeepAlive)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    client = ApiClient(ApiConfig(base_url=base, status_url=base + "/status"), Secret("k"))
+    try:
+        answers = [client.submit("http://127.0.0.1:9/x.jpg", {"upscale": 2}) for _ in range(3)]
+    finally:
+        client.close()
+        server.shutdown()
+        server.server_close()
+    assert [a.verdict for a in answers] == [SubmitVerdict.ACCEPTED] * 3
+    assert len(set(client_ports)) == 3, "each submit on a connection of its own"
