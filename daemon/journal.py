@@ -161,8 +161,9 @@ MIGRATIONS: dict[int, str] = {
 }
 """SQL that takes an existing journal from version N-1 to N; a new journal gets `_SCHEMA` directly."""
 
-TWIN_STATES = ("pending", "publishing", "submitting", "submitted", "downloading", "delivering", "done")
-"""States of an earlier job whose result a job with the same content can wait for or reuse."""
+AHEAD_STATES = ("submitting", "submitted", "downloading", "delivering")
+"""A job in one of these has been (or is being) paid for: an identical job waits for it."""
+NOT_LAUNCHED_STATES = ("pending", "publishing")
 
 
 def _row_to_job(row: sqlite3.Row) -> Job:
@@ -343,15 +344,23 @@ class Journal:
         return job, twin
 
     def find_twin(self, job: Job) -> Job | None:
-        """The earlier job with identical content and parameters: a done one with its output first."""
+        """Another job with identical content and parameters whose result this one should use.
+
+        Done and in-flight twins count whatever their age; twins not launched yet only if older,
+        so two waiting jobs can never wait for each other. A done twin with its output first,
+        then one in flight (to wait for), then a done one whose output is gone (its media URL).
+        """
         if not job.sha256:
             return None
-        marks = ", ".join("?" for _ in TWIN_STATES)
+        ahead = ", ".join("?" for _ in AHEAD_STATES)
+        waiting = ", ".join("?" for _ in NOT_LAUNCHED_STATES)
         with self._lock:
             rows = self._db.execute(
-                f"SELECT * FROM jobs WHERE sha256 = ? AND params = ? AND id < ? AND state IN ({marks}) "
-                "ORDER BY (state = 'done') DESC, id DESC",
-                (job.sha256, json.dumps(job.params, sort_keys=True), job.id, *TWIN_STATES)).fetchall()
+                f"SELECT * FROM jobs WHERE sha256 = ? AND params = ? AND id != ? AND "
+                f"(state = 'done' OR state IN ({ahead}) OR (state IN ({waiting}) AND id < ?)) "
+                "ORDER BY id DESC",
+                (job.sha256, json.dumps(job.params, sort_keys=True), job.id, *AHEAD_STATES,
+                 *NOT_LAUNCHED_STATES, job.id)).fetchall()
         twins = [_row_to_job(r) for r in rows]
         for twin in twins:
             if twin.state is JobState.DONE and twin.output_path and Path(twin.output_path).exists():
@@ -360,6 +369,21 @@ class Journal:
             if twin.state is not JobState.DONE:
                 return twin
         return twins[0] if twins else None
+
+    def enter_submitting(self, job: Job, detail: str) -> tuple[Job | None, Job | None]:
+        """Move `job` to SUBMITTING unless an identical job is already past that point.
+
+        One transaction, so of two identical jobs racing here exactly one gets through; the
+        other gets the twin to wait for. This is the last guard against paying twice.
+        """
+        ahead = ", ".join("?" for _ in AHEAD_STATES)
+        with self.transaction() as cur:
+            row = cur.execute(
+                f"SELECT * FROM jobs WHERE sha256 = ? AND params = ? AND id != ? AND state IN ({ahead}) LIMIT 1",
+                (job.sha256, json.dumps(job.params, sort_keys=True), job.id, *AHEAD_STATES)).fetchone()
+            if row is not None:
+                return None, _row_to_job(row)
+            return self.transition(job, JobState.SUBMITTING, detail), None
 
     def get(self, job_id: int) -> Job | None:
         with self._lock:

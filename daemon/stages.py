@@ -125,7 +125,10 @@ def launch(ctx: Context, job: Job) -> StageOutcome:
     if ctx.config.hosting.builtin.webhook:
         job_id = job.id
         webhook = ctx.host.open_callback(key.split(".")[0], lambda: ctx.poll_now(job_id))
-    job = ctx.journal.transition(job, JobState.SUBMITTING, "submit about to be sent")
+    submitting, twin = ctx.journal.enter_submitting(job, "submit about to be sent")
+    if twin is not None:  # an identical job got there first, after this one had looked
+        return _wait_for_twin(ctx, job, twin)
+    job = submitting
     sent_at = time.monotonic()
     answer = ctx.api.submit(url, job.params, webhook_url=webhook)
     took = round(time.monotonic() - sent_at, 3)
@@ -189,8 +192,9 @@ def _wait_for_twin(ctx: Context, job: Job, twin: Job) -> StageOutcome:
         log.info("job.waiting_for_duplicate", rel_path=job.rel_path, job_id=job.id, twin=twin.id,
                  twin_file=twin.rel_path)
     delay = max(1.0, ctx.config.api.poll_interval)
+    _unpublish(ctx, job)
     ctx.journal.transition(job, JobState.PENDING, f"waiting for job #{twin.id} with the same content",
-                           duplicate_of=twin.id, not_before=ctx.wall() + delay)
+                           duplicate_of=twin.id, not_before=ctx.wall() + delay, hosted_key=None)
     ctx.notify()
     return StageOutcome(job.id)
 

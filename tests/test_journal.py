@@ -114,3 +114,23 @@ def test_a_version_1_journal_is_migrated_in_place_keeping_its_jobs(tmp_path):
     assert job.request_id == "req-from-v1" and job.duplicate_of is None
     journal.update(job, duplicate_of=None, sha256="abc")  # the new column and index are usable
     journal.close()
+
+
+def test_of_two_identical_jobs_only_one_can_enter_submitting(journal):
+    """The younger copy claimed its content first and got ahead: the older one must wait, not pay."""
+    older = journal.add_job("a.jpg", 10, 1, PARAMS)
+    younger = journal.add_job("b.jpg", 10, 1, PARAMS)
+    younger = journal.update(journal.transition(younger, JobState.PUBLISHING), sha256="same")
+    older = journal.update(journal.transition(older, JobState.PUBLISHING), sha256="same")
+    submitting, twin = journal.enter_submitting(younger, "first")
+    assert submitting.state is JobState.SUBMITTING and twin is None
+    blocked, twin = journal.enter_submitting(older, "second")
+    assert blocked is None and twin.id == younger.id
+    assert journal.find_twin(older).id == younger.id  # a younger twin ahead of it counts too
+
+
+def test_waiting_twins_never_wait_for_each_other(journal):
+    first = journal.update(journal.add_job("a.jpg", 10, 1, PARAMS), sha256="same")
+    second = journal.update(journal.add_job("b.jpg", 10, 1, PARAMS), sha256="same")
+    assert journal.find_twin(second).id == first.id
+    assert journal.find_twin(first) is None  # the older one goes first
