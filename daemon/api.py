@@ -299,7 +299,9 @@ class ApiClient:
         if webhook_url:
             headers["X-Webhook-URL"] = webhook_url
         try:
-            response = self.session.post(self.generate_url, json=body, headers=headers, timeout=self.timeout)
+            # Never follow a redirect: requests would carry the key header to wherever it points.
+            response = self.session.post(self.generate_url, json=body, headers=headers, timeout=self.timeout,
+                                         allow_redirects=False)
         except requests.RequestException as exc:
             reason = f"{type(exc).__name__}: {exc}"
             if is_safe_to_resend(exc):
@@ -309,7 +311,8 @@ class ApiClient:
 
     def poll(self, polling_url: str) -> PollAnswer:
         try:
-            response = self.session.get(polling_url, headers=self._api_headers(), timeout=self.timeout)
+            response = self.session.get(polling_url, headers=self._api_headers(), timeout=self.timeout,
+                                        allow_redirects=False)
         except requests.RequestException as exc:
             return PollAnswer(PollVerdict.RETRY, message=f"{type(exc).__name__}: {exc}")
         return decide_poll(response.status_code, response.text, dict(response.headers), self._clock())
@@ -318,7 +321,8 @@ class ApiClient:
         """Status of a status request for an id that cannot exist: 404 means the key was accepted."""
         try:
             return self.session.get(f"{self.config.status_url.rstrip('/')}/codeformer-daemon-key-check",
-                                    headers=self._api_headers(), timeout=self.timeout).status_code
+                                    headers=self._api_headers(), timeout=self.timeout,
+                                    allow_redirects=False).status_code
         except requests.RequestException:
             return None
 

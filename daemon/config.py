@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -303,6 +304,15 @@ def load_config(path: str | Path) -> Config:
     return config_from_mapping(data, path.resolve().parent)
 
 
+def _checked_key(value: str, source: str) -> Secret:
+    """A key must be one printable token: anything else would break the header (and its error
+    text would carry the key into logs and error records)."""
+    if not re.fullmatch(r"[\x21-\x7e]+", value):
+        raise ConfigError(f"{source}: the API key has spaces, line breaks or other characters a header "
+                          "cannot carry; it should be a single line holding only the key")
+    return Secret(value)
+
+
 def resolve_api_key(config: Config, environ: typing.Mapping[str, str] | None = None) -> Secret:
     """Find the API key: $CODEFORMER_API_KEY, then api.api_key_file, then $CREDENTIALS_DIRECTORY/api_key.
 
@@ -321,9 +331,9 @@ def resolve_api_key(config: Config, environ: typing.Mapping[str, str] | None = N
             raise ConfigError(f"api.api_key_file: {key_file} is empty")
     from_env = environ.get(API_KEY_ENV, "").strip()
     if from_env:
-        return Secret(from_env)
+        return _checked_key(from_env, API_KEY_ENV)
     if from_file:
-        return Secret(from_file)
+        return _checked_key(from_file, "api.api_key_file")
     credentials = environ.get("CREDENTIALS_DIRECTORY")
     if credentials:
         credential = Path(credentials) / API_KEY_CREDENTIAL
@@ -333,7 +343,7 @@ def resolve_api_key(config: Config, environ: typing.Mapping[str, str] | None = N
             except OSError as exc:
                 raise ConfigError(f"credential {API_KEY_CREDENTIAL}: cannot read {credential}: {exc.strerror}") from None
             if value:
-                return Secret(value)
+                return _checked_key(value, f"credential {API_KEY_CREDENTIAL}")
     raise ConfigError(
         f"api.api_key_file: no API key found; set {API_KEY_ENV}, point api.api_key_file at a file "
         f"holding the key, or pass a systemd credential named {API_KEY_CREDENTIAL}"

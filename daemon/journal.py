@@ -224,7 +224,12 @@ class Journal:
                 raise
             else:
                 if outermost:
-                    cursor.execute("COMMIT")
+                    try:
+                        cursor.execute("COMMIT")
+                    except BaseException:
+                        if self._db.in_transaction:  # a failed COMMIT (disk full) must not leave it open
+                            self._db.execute("ROLLBACK")
+                        raise
             finally:
                 self._depth -= 1
                 cursor.close()
@@ -243,10 +248,11 @@ class Journal:
         with self._lock:
             if version == 0:
                 self._db.executescript(_SCHEMA)
-            for target in range(max(version, 1) + 1, SCHEMA_VERSION + 1) if version else ():
-                self._db.executescript(f"BEGIN IMMEDIATE; {MIGRATIONS[target]}; COMMIT;")
-        if version != SCHEMA_VERSION:
-            self.set_meta("schema_version", str(SCHEMA_VERSION))
+                self.set_meta("schema_version", str(SCHEMA_VERSION))
+            for target in range(version + 1, SCHEMA_VERSION + 1) if version else ():
+                # Each step and its version bump commit together: a crash never half-migrates.
+                self._db.executescript(f"BEGIN IMMEDIATE; {MIGRATIONS[target]}; "
+                                       f"UPDATE meta SET value = '{target}' WHERE key = 'schema_version'; COMMIT;")
 
     # ------------------------------------------------------------------ meta (daemon-wide facts)
 

@@ -32,6 +32,13 @@ def register_secret(value: str) -> None:
             _secrets.add(value)
 
 
+def mask_secrets(text: str) -> str:
+    """`text` with every registered secret masked: for error texts stored in the journal and records."""
+    with _secrets_lock:
+        secrets = frozenset(_secrets)
+    return _mask_text(text, secrets)
+
+
 def _mask_text(text: str, secrets: Iterable[str]) -> str:
     for secret in secrets:
         if secret in text:
@@ -56,16 +63,11 @@ def redact_secrets(logger: Any, method_name: str, event_dict: dict[str, Any]) ->
     with _secrets_lock:
         secrets = frozenset(_secrets)
     for key, value in list(event_dict.items()):
-        if SECRET_FIELD.search(key) and key not in ("hosted_key",):
+        if SECRET_FIELD.search(key):
             event_dict[key] = MASK
         else:
             event_dict[key] = _mask_value(value, secrets)
     return event_dict
-
-
-def _render_exception_without_locals() -> Any:
-    """Tracebacks as plain text: structlog's dict tracebacks can include local variables (secrets)."""
-    return structlog.processors.format_exc_info
 
 
 def configure(format: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
@@ -77,7 +79,8 @@ def configure(format: str = "auto", level: str = "info", stream: TextIO | None =
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        _render_exception_without_locals(),
+        # Tracebacks as plain text: structlog's dict tracebacks can carry local variables (secrets).
+        structlog.processors.format_exc_info,
         redact_secrets,  # after exceptions are rendered to text, so tracebacks are masked too
     ]
     if format == "json":

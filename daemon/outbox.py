@@ -14,6 +14,7 @@ import json
 import os
 import secrets
 import shutil
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -75,6 +76,9 @@ def temporary_file(directory: Path) -> Iterator[tuple[Path, BinaryIO]]:
 NO_HARD_LINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV)
 """What os.link raises on file systems (or across them) that cannot hard-link."""
 
+_PLACING = threading.Lock()
+"""Serialises check-then-replace where hard links are missing, so two workers cannot take one name."""
+
 
 def place(temp: Path, target: Path) -> None:
     """Put the finished, fsynced `temp` at exactly `target`; FileExistsError if the name is taken.
@@ -90,9 +94,10 @@ def place(temp: Path, target: Path) -> None:
     except OSError as exc:
         if exc.errno not in NO_HARD_LINKS:
             raise
-        if target.exists():
-            raise FileExistsError(errno.EEXIST, "name already taken", str(target)) from None
-        os.replace(temp, target)
+        with _PLACING:
+            if target.exists():
+                raise FileExistsError(errno.EEXIST, "name already taken", str(target)) from None
+            os.replace(temp, target)
     else:
         temp.unlink()
     fsync_dir(target.parent)

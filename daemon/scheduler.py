@@ -89,6 +89,10 @@ class SubmitGate:
         self.probe_out = True
         return min(1, free_slots)
 
+    def launch_ended_without_submit(self) -> None:
+        """The probe's job never reached the provider (vanished, bad file, a twin): let another try."""
+        self.probe_out = False
+
     def on_submit(self, verdict: SubmitVerdict, now: float, message: str) -> str | None:
         """Update from one submit answer; returns 'paused' or 'resumed' when that changes."""
         if verdict in (SubmitVerdict.NO_BALANCE, SubmitVerdict.AUTH):
@@ -148,7 +152,10 @@ class Scheduler:
 
     def run(self) -> None:
         """Recover what a previous run left, then loop until `stop()`; clean-up in `finally`."""
-        self.recover()
+        try:
+            self.recover()
+        except Exception as exc:  # noqa: BLE001 - e.g. failed/ not writable: the loop retries those jobs
+            log.error("recover.error", error=f"{type(exc).__name__}: {exc}", exc_info=True)
         try:
             while not self.stop_requested:
                 self.wake.clear()  # before the pass: a wake-up during it makes the next nap return at once
@@ -205,7 +212,7 @@ class Scheduler:
             log.warning("job.ambiguous_at_restart", rel_path=job.rel_path, job_id=job.id)
             stages.fail(self.ctx, job, "submit_ambiguous",
                         "the daemon stopped while this file's submit was being sent; it is not resent "
-                        "automatically so it cannot be paid for twice (run `codeformer-daemon retry` to resend)")
+                        "automatically so it cannot be paid for twice (drop it into the inbox again to resend)")
         keep = set()
         for job in journal.jobs_in(JobState.SUBMITTED):
             if job.hosted_key and job.upload_path:
@@ -231,13 +238,11 @@ class Scheduler:
             except queue.Empty:
                 return
             self._running.pop(running.job_id, None)
-            try:
-                outcome = running.future.result()
-            except Exception:  # noqa: BLE001 - logged in _run_stage
-                self._next_poll[running.job_id] = now + self.poll_interval
-                continue
+            outcome = running.future.result()  # _run_stage never raises
             if outcome.submit is not None:
                 self._on_submit(outcome, now)
+            elif running.kind == "launch":
+                self.gate.launch_ended_without_submit()
             if outcome.poll is not None:
                 self._on_poll(outcome, now)
 
@@ -306,21 +311,18 @@ class Scheduler:
             return
         journal = self.ctx.journal
         free = self.max_in_flight - journal.count_in(*IN_FLIGHT_STATES)
-        allowed = self.gate.allowed(self.clock(), free)
-        if allowed <= 0:
+        if free <= 0:
             return
         now_wall = self.ctx.wall()
-        for job in journal.jobs_in(JobState.PENDING, limit=allowed + len(self._running)):
-            if allowed <= 0:
-                break
-            if job.id in self._running or job.not_before > now_wall:
-                continue
+        ready = [job for job in journal.jobs_in(JobState.PENDING, limit=free + len(self._running))
+                 if job.id not in self._running and job.not_before <= now_wall]
+        allowed = self.gate.allowed(self.clock(), min(free, len(ready))) if ready else 0
+        for job in ready[:allowed]:
             try:
                 job = journal.transition(job, JobState.PUBLISHING, "slot taken")
             except StaleTransition:
                 continue
             self._dispatch(job, "launch", stages.launch)
-            allowed -= 1
 
     def start_checks_ahead(self) -> None:
         """Preflight the next few pending files while the slots are busy (at most two at a time)."""
@@ -346,12 +348,18 @@ class Scheduler:
 
     def start_polls(self) -> None:
         now = self.clock()
+        submitted = {job.id: job for job in self.ctx.journal.jobs_in(JobState.SUBMITTED)}
         while True:
             try:
-                self._next_poll[self._poll_requests.get_nowait()] = now
+                job_id = self._poll_requests.get_nowait()
             except queue.Empty:
                 break
-        for job in self.ctx.journal.jobs_in(JobState.SUBMITTED):
+            if job_id in submitted:
+                self._next_poll[job_id] = now
+        for job_id in [j for j in self._next_poll if j not in submitted]:  # timed out, failed, done
+            self._next_poll.pop(job_id, None)
+            self._submitted_clock.pop(job_id, None)
+        for job in submitted.values():
             if job.id in self._running:
                 continue
             due = self._next_poll.setdefault(job.id, now)
@@ -378,7 +386,7 @@ class Scheduler:
         now = self.clock()
         deadlines = [now + MAX_SLEEP, self.watcher.next_deadline()]
         deadlines += [t for j, t in self._next_poll.items() if j not in self._running]
-        if self.gate.paused:
+        if self.gate.paused and not self.gate.probe_out and self.gate.until > now:
             deadlines.append(self.gate.until)
         timeout = min(deadlines) - now
         if timeout > 0:

@@ -8,6 +8,7 @@ a stage runs; a stage decides only what its own answer means for its job.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import shutil
@@ -25,6 +26,7 @@ from .api import (ApiClient, DownloadError, PollAnswer, PollVerdict, SubmitAnswe
 from .config import Config
 from .hosting import HostingAdapter, HostingError, key_for_logs, new_key
 from .journal import Job, Journal, JobState, StaleTransition
+from .logging import mask_secrets
 from .outbox import Folders, claim_name, finish_temp, free_name, move_to, temporary_file, write_json_atomically
 from .preflight import PreflightError, PreflightResult, check_image
 
@@ -125,6 +127,8 @@ def launch(ctx: Context, job: Job) -> StageOutcome:
     if ctx.config.hosting.builtin.webhook:
         job_id = job.id
         webhook = ctx.host.open_callback(key.split(".")[0], lambda: ctx.poll_now(job_id))
+    if ctx.stopping():  # asked to stop while publishing: do not start a submit now
+        return _back_to_pending(ctx, job, "stopping: not submitted", count_attempt=False, retry_after=0, quiet=True)
     submitting, twin = ctx.journal.enter_submitting(job, "submit about to be sent")
     if twin is not None:  # an identical job got there first, after this one had looked
         return _wait_for_twin(ctx, job, twin)
@@ -260,6 +264,7 @@ def _record_submit(ctx: Context, job: Job, answer: SubmitAnswer, took: float) ->
 def _back_to_pending(ctx: Context, job: Job, reason: str, *, count_attempt: bool,
                      retry_after: float | None = None, quiet: bool = False) -> StageOutcome:
     """Unpublish and queue the job again after a delay; fail it once attempts run out."""
+    reason = mask_secrets(reason)
     attempts = job.submit_attempts + (1 if count_attempt else 0)
     if attempts >= ctx.config.api.max_attempts:
         fail(ctx, job, "attempts_exhausted", f"gave up after {attempts} attempts; last error: {reason}")
@@ -427,6 +432,8 @@ def _move_original(ctx: Context, job: Job, source: Path, wanted: Path) -> Job:
 
 def fail(ctx: Context, job: Job, kind: str, reason: str, *, api_error: str | None = None) -> None:
     """Any unfinished state -> FAILING (recorded first) -> original to failed/ with its reason."""
+    reason = mask_secrets(reason)
+    api_error = mask_secrets(api_error) if api_error else api_error
     try:
         job = ctx.journal.transition(job, JobState.FAILING, reason, error_kind=kind, last_error=reason)
     except StaleTransition:
@@ -444,7 +451,7 @@ def finish_failing(ctx: Context, job: Job, api_error: str | None = None) -> None
     final = Path(job.final_path) if job.final_path else None
     record_path = (final or ctx.folders.failed_path(job.rel_path))
     record_path = record_path.with_name(record_path.name + ".error.json")
-    if not record_path.exists():
+    if not _is_record_of(record_path, job):
         write_json_atomically(record_path, {
             "file": job.rel_path,
             "failed_at": iso(ctx.wall()),
@@ -464,6 +471,14 @@ def finish_failing(ctx: Context, job: Job, api_error: str | None = None) -> None
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _is_record_of(path: Path, job: Job) -> bool:
+    """True if `path` is this job's error record (already written before a crash)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("job_id") == job.id
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _unpublish(ctx: Context, job: Job) -> None:

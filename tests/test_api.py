@@ -160,3 +160,43 @@ def test_submits_never_reuse_a_connection():
         server.server_close()
     assert [a.verdict for a in answers] == [SubmitVerdict.ACCEPTED] * 3
     assert len(set(client_ports)) == 3, "each submit on a connection of its own"
+
+
+def test_the_key_never_follows_a_redirect():
+    """A 3xx from the provider's endpoints is not followed: requests would carry the key header along."""
+    import http.server
+    import threading
+
+    from daemon.api import ApiClient
+    from daemon.config import Secret
+
+    seen_keys: list[str | None] = []
+
+    class Redirecting(http.server.BaseHTTPRequestHandler):
+        def _answer(self):
+            seen_keys.append(self.headers.get("Ocp-Apim-Subscription-Key"))
+            if self.command == "POST":
+                self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.1:{self.server.server_address[1]}/elsewhere")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirecting)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    client = ApiClient(ApiConfig(base_url=base, status_url=base + "/status"), Secret("the-key-1234"))
+    try:
+        submit = client.submit("http://127.0.0.1:9/x.jpg", {"upscale": 2})
+        poll = client.poll(base + "/status/r1")
+    finally:
+        client.close()
+        server.shutdown()
+        server.server_close()
+    assert seen_keys == ["the-key-1234", "the-key-1234"], "one request each, the redirect not followed"
+    assert submit.verdict is SubmitVerdict.REJECTED and poll.verdict is PollVerdict.RETRY

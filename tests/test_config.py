@@ -154,3 +154,13 @@ def test_load_config_resolves_relative_paths_against_the_file(tmp_path, emulator
         "folders": {"inbox": "in", "outbox": "out", "archive": "arch", "failed": "fail"}, "state_dir": "state"})
     config = load_config(path)
     assert config.folders.inbox == tmp_path / "in" and config.state_dir == tmp_path / "state"
+
+
+@pytest.mark.parametrize("bad_key", ["KEY123\nLINE2", "KEY123 XYZ", "KEY123\tXYZ"])
+def test_a_key_a_header_cannot_carry_is_refused_without_showing_it(tmp_path, folders, emulator, bad_key):
+    key_file = tmp_path / "key"
+    key_file.write_text(bad_key)
+    config = config_from_mapping(config_mapping(folders, emulator, api={"api_key_file": str(key_file)}), tmp_path)
+    with pytest.raises(ConfigError, match="api.api_key_file") as raised:
+        resolve_api_key(config, {})
+    assert "KEY123" not in str(raised.value)
