@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import structlog
 
@@ -141,7 +142,6 @@ class Scheduler:
         self._expected: float | None = None
         self._next_heartbeat = 0.0
         self._stage_errors: dict[int, int] = {}
-        self.polls_sent = 0
         self.last_pass = clock()
         ctx.notify = self.wake.set
         ctx.stopping = lambda: self.stop_requested
@@ -217,7 +217,7 @@ class Scheduler:
         for job in journal.jobs_in(JobState.SUBMITTED):
             if job.hosted_key and job.upload_path:
                 try:  # the provider may not have fetched it yet: serve it again under the same key
-                    self.ctx.host.publish(job.hosted_key, stages.Path(job.upload_path),
+                    self.ctx.host.publish(job.hosted_key, Path(job.upload_path),
                                           "image/png" if job.hosted_key.endswith(".png") else "image/jpeg")
                     keep.add(job.hosted_key)
                 except Exception as exc:  # noqa: BLE001 - a missing file only fails that job's fetch
@@ -271,7 +271,6 @@ class Scheduler:
     def _on_poll(self, outcome: stages.StageOutcome, now: float) -> None:
         answer = outcome.poll
         job_id = outcome.job_id
-        self.polls_sent += 1
         if answer.verdict is PollVerdict.COMPLETED and answer.provider_seconds is not None:
             sample = answer.provider_seconds
             self._expected = sample if self._expected is None else 0.8 * self._expected + 0.2 * sample

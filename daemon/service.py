@@ -17,8 +17,8 @@ import structlog
 from . import __version__
 from .api import ApiClient
 from .config import Config, Secret
-from .hosting import HostingAdapter, create_adapter
-from .journal import Journal
+from .hosting import HostingAdapter, HostingError, create_adapter
+from .journal import Journal, JournalError
 from .logging import register_secret
 from .outbox import Folders
 from .scheduler import Scheduler
@@ -63,14 +63,10 @@ class Service:
         except OSError as exc:
             raise StartupError(f"cannot create {exc.filename}: {exc.strerror}") from None
         self._take_lock()
-        from .journal import JournalError
-
         try:
             self.journal = Journal(journal_path(config))
         except JournalError as exc:
             raise StartupError(str(exc)) from None
-        from .hosting import HostingError
-
         try:
             self.host.start()
         except HostingError as exc:

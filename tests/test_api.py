@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 
 import pytest
 import requests
@@ -118,6 +120,21 @@ def test_the_key_only_travels_to_the_providers_own_origin():
     assert choose_polling_url(None, "r1", config) == "https://gw.example/v2/requests/status/r1"
 
 
+@contextlib.contextmanager
+def local_server(handler: type) -> Iterator[str]:
+    """A throwaway HTTP server on loopback with `handler`; yields its base URL."""
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_submits_never_reuse_a_connection():
     """A kept-alive connection the server may be closing would make a submit ambiguous.
 
@@ -125,7 +142,6 @@ def test_submits_never_reuse_a_connection():
     own refusal to reuse connections can give each submit a new one.
     """
     import http.server
-    import threading
 
     from daemon.api import ApiClient
     from daemon.config import Secret
@@ -148,16 +164,10 @@ def test_submits_never_reuse_a_connection():
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), KeepAlive)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_address[1]}"
-    client = ApiClient(ApiConfig(base_url=base, status_url=base + "/status"), Secret("k"))
-    try:
+    with local_server(KeepAlive) as base:
+        client = ApiClient(ApiConfig(base_url=base, status_url=base + "/status"), Secret("k"))
         answers = [client.submit("http://127.0.0.1:9/x.jpg", {"upscale": 2}) for _ in range(3)]
-    finally:
         client.close()
-        server.shutdown()
-        server.server_close()
     assert [a.verdict for a in answers] == [SubmitVerdict.ACCEPTED] * 3
     assert len(set(client_ports)) == 3, "each submit on a connection of its own"
 
@@ -165,7 +175,6 @@ def test_submits_never_reuse_a_connection():
 def test_the_key_never_follows_a_redirect():
     """A 3xx from the provider's endpoints is not followed: requests would carry the key header along."""
     import http.server
-    import threading
 
     from daemon.api import ApiClient
     from daemon.config import Secret
@@ -187,16 +196,10 @@ def test_the_key_never_follows_a_redirect():
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirecting)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_address[1]}"
-    client = ApiClient(ApiConfig(base_url=base, status_url=base + "/status"), Secret("the-key-1234"))
-    try:
+    with local_server(Redirecting) as base:
+        client = ApiClient(ApiConfig(base_url=base, status_url=base + "/status"), Secret("the-key-1234"))
         submit = client.submit("http://127.0.0.1:9/x.jpg", {"upscale": 2})
         poll = client.poll(base + "/status/r1")
-    finally:
         client.close()
-        server.shutdown()
-        server.server_close()
     assert seen_keys == ["the-key-1234", "the-key-1234"], "one request each, the redirect not followed"
     assert submit.verdict is SubmitVerdict.REJECTED and poll.verdict is PollVerdict.RETRY
