@@ -335,20 +335,6 @@ class Journal:
             row = cur.execute("SELECT * FROM jobs WHERE id = ?", (job.id,)).fetchone()
         return _row_to_job(row)
 
-    def claim_content(self, job: Job, **changes: Any) -> tuple[Job, Job | None]:
-        """Record the job's content (sha256 and friends) and find its twin, in one transaction.
-
-        The twin is the oldest earlier job with the same sha256 and parameters that is not failed:
-        its result can be reused, or waited for. Doing both at once means two copies dropped
-        together cannot both miss each other and both be paid for.
-        """
-        if "sha256" not in changes:
-            raise ValueError("claim_content needs sha256")
-        with self.transaction():
-            job = self.update(job, **changes)
-            twin = self.find_twin(job)
-        return job, twin
-
     def find_twin(self, job: Job) -> Job | None:
         """Another job with identical content and parameters whose result this one should use.
 

@@ -97,14 +97,17 @@ def launch(ctx: Context, job: Job) -> StageOutcome:
         twin = ctx.journal.find_twin(job)
         if twin is not None and twin.state is not JobState.DONE:
             return _wait_for_twin(ctx, job, twin)
-    checked, size, mtime_ns = ctx.prechecked.pop(job.id, (None, None, None))
-    if checked is None or _stat_key(source) != (size, mtime_ns) or not checked.upload_path.exists():
+    stat_key = _stat_key(source)
+    checked, *checked_stat_key = ctx.prechecked.pop(job.id, (None, None, None))
+    if checked is None or stat_key != tuple(checked_stat_key) or not checked.upload_path.exists():
         checked = _preflight(ctx, job, source)
         if checked is None:
             return StageOutcome(job.id)
-    st = os.stat(source)
-    job, twin = ctx.journal.claim_content(job, sha256=checked.sha256, size=st.st_size, mtime_ns=st.st_mtime_ns,
-                                          upload_path=str(checked.upload_path))
+        stat_key = _stat_key(source)  # after the hash: what the recorded content belongs to
+    size, mtime_ns = stat_key
+    job = ctx.journal.update(job, sha256=checked.sha256, size=size, mtime_ns=mtime_ns,
+                             upload_path=str(checked.upload_path))
+    twin = ctx.journal.find_twin(job)  # an early look; enter_submitting below is the real guard
     if twin is not None:
         if _reuse_result(ctx, job, twin):
             return StageOutcome(job.id)
@@ -112,8 +115,6 @@ def launch(ctx: Context, job: Job) -> StageOutcome:
             return _wait_for_twin(ctx, job, twin)
         log.info("job.duplicate_result_gone", rel_path=job.rel_path, job_id=job.id, twin=twin.id,
                  reason="the earlier output and media URL are gone; submitting again")
-    if ctx.stopping():
-        return _back_to_pending(ctx, job, "stopping: not submitted", count_attempt=False, retry_after=0, quiet=True)
     key = new_key(".png" if checked.content_type == "image/png" else ".jpg")
     job = ctx.journal.update(job, hosted_key=key)  # recorded before publishing: no object the journal misses
     try:
@@ -182,12 +183,9 @@ def _stat_key(path: Path) -> tuple[int | None, int | None]:
 
 
 def changed_since_taken(source: Path, job: Job) -> bool:
-    """True when the file in the inbox is no longer the content this job recorded."""
-    try:
-        st = os.stat(source, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    return (st.st_size, st.st_mtime_ns) != (job.size, job.mtime_ns)
+    """True when the file in the inbox is no longer the content this job recorded (gone is not changed)."""
+    stat_key = _stat_key(source)
+    return stat_key != (None, None) and stat_key != (job.size, job.mtime_ns)
 
 
 def _wait_for_twin(ctx: Context, job: Job, twin: Job) -> StageOutcome:
