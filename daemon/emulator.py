@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -38,7 +39,12 @@ STATUS_PREFIX = "/v2/requests/status/"
 MEDIA_PREFIX = "/media/"
 MEDIA_NAME = "/output.png"
 KEY_HEADER = "Ocp-Apim-Subscription-Key"
-FAULT_KINDS = ("submit_500", "poll_500", "media_500", "outcome_failed", "outcome_error")
+FAULT_KINDS = ("submit_500", "submit_timeout", "poll_500", "poll_garbage", "media_500", "media_garbage",
+               "outcome_failed", "outcome_error", "outcome_bad_media_url")
+"""submit_timeout: the job is accepted (and charged) but the answer is held back `hang_seconds`, past
+the client's read timeout. *_garbage: a 200 whose body is not what it should be (HTML, not an
+image). outcome_bad_media_url: the job completes with a media_url that is not http(s)."""
+GARBAGE = b"<html><body><h1>502 Bad Gateway</h1>upstream sent nonsense</body></html>"
 WEBHOOK_EVENTS = ("start", "output", "logs", "completed")
 FETCH_TIMEOUT = 10.0
 WEBHOOK_TIMEOUT = 5.0
@@ -90,6 +96,7 @@ class Job:
     fetched_size: int | None = None
     output_path: str | None = None
     polls: int = 0
+    bad_media_url: bool = False
 
 
 @dataclass
@@ -100,6 +107,8 @@ class Reply:
     body: Any = None
     headers: dict[str, str] = field(default_factory=dict)
     file_path: str | None = None
+    raw: bytes | None = None
+    """Sent as it is (a malformed answer), instead of `body` as JSON."""
 
 
 def error_reply(code: int, error: str, message: str, headers: dict[str, str] | None = None) -> Reply:
@@ -188,7 +197,9 @@ def status_document(job: Job, server_url: str) -> dict[str, Any]:
     """The body of GET /v2/requests/status/<id>, and of the webhook call."""
     output = None
     if job.status is JobStatus.COMPLETED:
-        output = {"media_url": [media_url_for(server_url, job.request_id)], "media_type": "image/png"}
+        media_url = ("file:///etc/passwd" if job.bad_media_url
+                     else media_url_for(server_url, job.request_id))
+        output = {"media_url": [media_url], "media_type": "image/png"}
     return {"request_id": job.request_id, "status": job.status.value, "model_id": MODEL_ID,
             "error": job.error, "output": output, "created_at": iso_timestamp(job.submitted_at),
             "updated_at": iso_timestamp(job.updated_at),
@@ -202,6 +213,7 @@ SETTING_CHECKS = {
     "rate_limit": lambda v: v is None or (is_number(v) and v > 0),
     "model_disabled": lambda v: isinstance(v, bool),
     "revoked_keys": lambda v: isinstance(v, list) and all(isinstance(k, str) for k in v),
+    "hang_seconds": lambda v: is_number(v) and v >= 0,
 }
 
 
@@ -278,6 +290,8 @@ class GatewayEmulator:
         self.rate_limit = rate_limit
         self.model_disabled = False
         self.revoked_keys: set[str] = set()
+        self.hang_seconds = 30.0
+        """How long an injected submit_timeout holds its answer back."""
         self._jobs: dict[str, Job] = {}
         self._faults = dict.fromkeys(FAULT_KINDS, 0)
         self._counts = dict.fromkeys(("submits_received", "submits_accepted", "polls",
@@ -352,7 +366,8 @@ class GatewayEmulator:
     def settings(self) -> dict[str, Any]:
         return {"latency": self.latency, "max_concurrent": self.max_concurrent,
                 "balance": self.balance, "rate_limit": self.rate_limit,
-                "model_disabled": self.model_disabled, "revoked_keys": sorted(self.revoked_keys)}
+                "model_disabled": self.model_disabled, "revoked_keys": sorted(self.revoked_keys),
+                "hang_seconds": self.hang_seconds}
 
     def inject(self, kind: str, count: int = 1) -> None:
         """Make the next `count` matching events fail the way `kind` names."""
@@ -427,6 +442,9 @@ class GatewayEmulator:
                 return error_reply(402, "Insufficient Balance",
                                    "Your wallet does not have enough balance.")
             job = self._accept_locked(body, webhook_header or body.get("webhook"), server_url)
+            hang = self._take_fault_locked("submit_timeout")
+        if hang:
+            self._stopping.wait(self.hang_seconds)
         return Reply(202, {"request_id": job.request_id, "status": "QUEUED",
                            "polling_url": f"{server_url}{STATUS_PREFIX}{job.request_id}"})
 
@@ -455,6 +473,8 @@ class GatewayEmulator:
             job.polls += 1
             if self._take_fault_locked("poll_500"):
                 return error_reply(500, "Internal Server Error", "Injected fault: poll_500")
+            if self._take_fault_locked("poll_garbage"):
+                return Reply(200, raw=GARBAGE)
             return Reply(200, status_document(job, server_url))
 
     def handle_media(self, request_id: str) -> Reply:
@@ -465,6 +485,8 @@ class GatewayEmulator:
             if self._take_fault_locked("media_500"):
                 return error_reply(500, "Internal Server Error", "Injected fault: media_500")
             self._counts["media_downloads"] += 1
+            if self._take_fault_locked("media_garbage"):
+                return Reply(200, raw=GARBAGE, headers={"Content-Type": "image/png"})
             return Reply(200, file_path=job.output_path)
 
     def handle_settings(self, body: Any) -> Reply:
@@ -533,6 +555,8 @@ class GatewayEmulator:
             return self._finish(job, JobStatus.ERROR, "Injected system error")
         if rendered is not None:
             return self._finish(job, JobStatus.ERROR, rendered)
+        with self._lock:
+            job.bad_media_url = self._take_fault_locked("outcome_bad_media_url")
         return self._finish(job, JobStatus.COMPLETED, None, path)
 
     def _finish(self, job: Job, status: JobStatus, error: str | None,
@@ -567,6 +591,11 @@ class GatewayEmulator:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128  # a real gateway takes bursts; the stdlib's 5 would drop connections
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that gave up (a read timeout, a killed daemon) is not an emulator error."""
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)
 
 INVALID = object()
 
@@ -633,6 +662,11 @@ class _Handler(BaseHTTPRequestHandler):
             with stream:
                 self._head(reply.code, "image/png", os.fstat(stream.fileno()).st_size, {})
                 shutil.copyfileobj(stream, self.wfile)
+            return None
+        if reply.raw is not None:
+            headers = {"Content-Type": "text/html", **reply.headers}
+            self._head(reply.code, headers.pop("Content-Type"), len(reply.raw), headers)
+            self.wfile.write(reply.raw)
             return None
         payload = json.dumps(reply.body).encode()
         self._head(reply.code, "application/json", len(payload), reply.headers)

@@ -367,6 +367,31 @@ def test_injected_server_errors(emu, image_url):
         emu.inject("disk_full")
 
 
+def test_injected_malformed_answers_and_a_held_back_submit(emu, image_url):
+    emu.hang_seconds = 1.0
+    emu.inject("submit_timeout")
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        requests.post(f"{emu.base_url}/codeformer/generate", json={"image": image_url},
+                      headers={"Ocp-Apim-Subscription-Key": KEY}, timeout=(2, 0.3))
+    assert emu.stats()["submits_accepted"] == 1  # accepted and charged although the answer was lost
+
+    request_id = submit_ok(emu, image_url)
+    emu.inject("poll_garbage")
+    garbage = poll(emu, request_id)
+    assert garbage.status_code == 200 and garbage.text.startswith("<html>")
+    assert final_document(emu, request_id)["status"] == "COMPLETED"
+
+    media_url = f"{emu.url}/media/{request_id}/output.png"
+    emu.inject("media_garbage")
+    assert requests.get(media_url, timeout=5).content.startswith(b"<html>")
+    assert requests.get(media_url, timeout=5).content.startswith(b"\x89PNG")
+
+    emu.inject("outcome_bad_media_url")
+    odd = submit_ok(emu, image_url)
+    document = final_document(emu, odd)
+    assert document["status"] == "COMPLETED" and document["output"]["media_url"] == ["file:///etc/passwd"]
+
+
 @pytest.mark.parametrize("kind, status, error", [
     ("outcome_failed", "FAILED", "Injected failure: face restoration failed"),
     ("outcome_error", "ERROR", "Injected system error"),
@@ -429,11 +454,11 @@ def test_admin_endpoints(emu, image_url):
     assert over_http["submits_accepted"] == 1 and over_http["jobs"][0]["status"] == "COMPLETED"
 
     settings = {"latency": 0.01, "max_concurrent": 2, "balance": 3, "rate_limit": 50,
-                "model_disabled": True, "revoked_keys": ["old"]}
+                "model_disabled": True, "revoked_keys": ["old"], "hang_seconds": 2}
     response = requests.post(f"{emu.url}/_emulator/settings", json=settings, timeout=5)
     assert response.status_code == 200 and response.json() == settings
     assert (emu.latency, emu.max_concurrent, emu.balance, emu.rate_limit, emu.model_disabled,
-            emu.revoked_keys) == (0.01, 2, 3, 50, True, {"old"})
+            emu.revoked_keys, emu.hang_seconds) == (0.01, 2, 3, 50, True, {"old"}, 2)
     for bad in ({"latency": -1}, {"colour": "red"}, {"max_concurrent": 1.5}):
         assert requests.post(f"{emu.url}/_emulator/settings", json=bad, timeout=5).status_code == 400
 
