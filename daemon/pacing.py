@@ -1,0 +1,197 @@
+"""How fast to talk to the provider: when to poll a job, and when submits may go out.
+
+Pure bookkeeping over the scheduler's clock: nothing here sleeps or sends. The scheduler asks
+`SubmitGate.allowed()` before it fills free slots and tells the gate every submit answer.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+from .api import SubmitAnswer, SubmitVerdict
+
+PREDICTION_MARGIN = 0.02
+"""Seconds after a job's predicted completion at which to look (covers timer and network jitter)."""
+
+FOLLOW_UP_WINDOW = 0.25
+"""For this share of the expected time after the predicted finish, follow-up polls come quicker."""
+
+NO_BALANCE = "insufficient balance"
+KEY_REJECTED = "key rejected"
+
+REJECTIONS_BEFORE_HINT = 3
+"""This many 400s in a row, with nothing accepted in between, points at the configuration."""
+
+
+def next_poll_time(now: float, sent_at: float | None, interval: float, expected: float | None) -> float:
+    """When to poll a job next: every `interval`, plus right when the job is expected to finish.
+
+    `expected` is the provider's typical processing time, learnt from its own completed_at -
+    created_at, and `sent_at` is when the submit left. Just after the expected finish the job is
+    looked at again after short, growing pauses for a little while (a job rarely runs exactly to
+    the average), then the plain interval takes over. This cuts the wait after completion by far
+    more than it adds polls.
+    """
+    grid = now + interval
+    if expected is None or sent_at is None:
+        return grid
+    predicted = sent_at + expected + PREDICTION_MARGIN
+    if now < predicted:
+        return min(predicted, grid)
+    overdue = now - predicted
+    if overdue < expected * FOLLOW_UP_WINDOW:
+        return min(grid, now + max(2 * PREDICTION_MARGIN, overdue))
+    return grid
+
+
+def full_jitter(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
+    """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2**attempt)]."""
+    return (rng or random).uniform(0, min(cap, base * (2 ** max(0, attempt))))
+
+
+class SubmitGate:
+    """Decides how many submits may start now.
+
+    Three reasons to hold back, each cleared by the provider's own answers:
+    - **Paused** (402 empty wallet, 401/403 key rejected): every submit would fail the same way.
+      One probe submit goes out each time the backoff runs out (doubling up to `max_delay`); an
+      accepted submit opens the gate again. `reload()` (SIGHUP) probes at once.
+    - **Held** after a 429: nothing goes out until its Retry-After (or a full-jitter backoff) passes.
+    - **Window** (AIMD): a 429 halves the number of jobs allowed in flight (once per burst:
+      only a submit sent after the last halving halves it again); each accepted submit grows it back by 1/window, so by one per window's worth of
+      accepts. It never exceeds `max_in_flight`.
+    """
+
+    def __init__(self, max_in_flight: int, *, first_delay: float = 5.0, max_delay: float = 300.0,
+                 reminder_every: float = 600.0, rng: random.Random | None = None) -> None:
+        self.max_in_flight = max_in_flight
+        self.first_delay = first_delay
+        self.max_delay = max_delay
+        self.reminder_every = reminder_every
+        self._rng = rng or random.Random()
+        self.reason: str | None = None
+        self.detail = ""
+        self.paused_since = 0.0
+        self.until = 0.0
+        """While paused: when the next probe may go out."""
+        self.delay = 0.0
+        self.probe_out = False
+        self.next_reminder = 0.0
+        self.window = float(max_in_flight)
+        self.held_until = 0.0
+        self.shrunk_at = float("-inf")
+        self.rate_limited_in_a_row = 0
+        self.rejected_in_a_row = 0
+
+    # ------------------------------------------------------------------ questions
+
+    @property
+    def paused(self) -> bool:
+        return self.reason is not None
+
+    @property
+    def limit(self) -> int:
+        """Jobs allowed in flight now (the AIMD window, whole jobs, at least one)."""
+        return max(1, min(self.max_in_flight, math.floor(self.window)))
+
+    def allowed(self, now: float, free_slots: int) -> int:
+        """How many of `free_slots` may start a submit now; a probe counts as handed out."""
+        if now < self.held_until:
+            return 0
+        if not self.paused:
+            return free_slots
+        if self.probe_out or now < self.until:
+            return 0
+        self.probe_out = True
+        return min(1, free_slots)
+
+    def wake_at(self, now: float) -> float | None:
+        """The next moment `allowed` could change its answer, for the scheduler's sleep."""
+        times = [t for t in (self.held_until, self.until if self.paused and not self.probe_out else 0.0)
+                 if t > now]
+        return min(times) if times else None
+
+    def reminder_due(self, now: float) -> bool:
+        """True at most once per `reminder_every` while paused: time to say so again."""
+        if not self.paused or now < self.next_reminder:
+            return False
+        self.next_reminder = now + self.reminder_every
+        return True
+
+    # ------------------------------------------------------------------ what happened
+
+    def launch_ended_without_submit(self) -> None:
+        """The probe's job never reached the provider (vanished, bad file, a twin): let another try."""
+        self.probe_out = False
+
+    def on_submit(self, answer: SubmitAnswer, now: float, sent_at: float | None = None) -> str | None:
+        """Learn from one submit answer. Returns what a person should hear about, if anything:
+        'paused', 'resumed', 'rate_limited' (the window shrank) or 'all_rejected'.
+
+        `sent_at` is when that submit left: answers to submits sent before a pause or a shrink
+        (several slots submit at once) neither lift the pause nor shrink the window again.
+        """
+        sent_at = now if sent_at is None else sent_at
+        verdict = answer.verdict
+        if verdict in (SubmitVerdict.NO_BALANCE, SubmitVerdict.AUTH):
+            return self._pause(NO_BALANCE if verdict is SubmitVerdict.NO_BALANCE else KEY_REJECTED,
+                               answer.message, now, sent_at)
+        self.probe_out = False
+        if verdict is SubmitVerdict.RETRY and answer.http_status == 429:
+            return self._rate_limited(answer.retry_after, now, sent_at)
+        if verdict is SubmitVerdict.REJECTED:
+            self.rejected_in_a_row += 1
+            return "all_rejected" if self.rejected_in_a_row == REJECTIONS_BEFORE_HINT else None
+        if verdict is SubmitVerdict.ACCEPTED:
+            self.rejected_in_a_row = 0
+            self.rate_limited_in_a_row = 0
+            self.window = min(float(self.max_in_flight), self.window + 1.0 / self.window)
+            if self.paused and sent_at >= self.paused_since:
+                self.reason = None
+                return "resumed"
+        return None
+
+    def on_key_rejected_by_poll(self, message: str, now: float) -> str | None:
+        """A poll was refused with 401/403: the key is bad for submits too."""
+        return self._pause(KEY_REJECTED, message, now, now)
+
+    def on_key_accepted_by_poll(self) -> str | None:
+        """A poll went through: a pause for a rejected key is over (the key works again)."""
+        if self.reason == KEY_REJECTED:
+            self.reason = None
+            self.probe_out = False
+            return "resumed"
+        return None
+
+    def reload(self, now: float) -> None:
+        """The key or settings were reloaded: probe at once instead of waiting out the backoff."""
+        if self.paused:
+            self.until, self.delay, self.probe_out = now, 0.0, False
+
+    # ------------------------------------------------------------------ helpers
+
+    def _pause(self, reason: str, detail: str, now: float, sent_at: float) -> str | None:
+        changed = self.reason != reason
+        if not changed and sent_at < self.paused_since:
+            return None  # the rest of the burst that caused the pause: not a failed probe
+        self.delay = self.first_delay if changed or self.delay <= 0 else min(self.max_delay, self.delay * 2)
+        if changed:
+            self.paused_since = now
+            self.next_reminder = now + self.reminder_every
+        self.reason, self.detail, self.until, self.probe_out = reason, detail, now + self.delay, False
+        return "paused" if changed else None
+
+    def _rate_limited(self, retry_after: float | None, now: float, sent_at: float) -> str | None:
+        """429: hold every submit until Retry-After (or a jittered backoff); halve the window, but only
+        for a submit sent after the last halving (one burst of 429s is one signal, as in TCP)."""
+        self.rate_limited_in_a_row += 1
+        wait = retry_after if retry_after is not None else full_jitter(
+            self.rate_limited_in_a_row, base=1.0, cap=60.0, rng=self._rng)
+        self.held_until = max(self.held_until, now + wait)
+        if sent_at < self.shrunk_at:
+            return None
+        self.shrunk_at = now
+        before = self.limit
+        self.window = max(1.0, self.window / 2)
+        return "rate_limited" if self.limit < before else None
