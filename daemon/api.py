@@ -183,9 +183,11 @@ def decide_poll(status: int, body: str, headers: dict[str, str], now: float) -> 
         output = data.get("output")
         urls = output.get("media_url") if isinstance(output, dict) else None
         media_url = urls[0] if isinstance(urls, list) and urls else None
-        if not is_http_url(media_url):
+        if not isinstance(media_url, str) or not media_url.strip():
             return PollAnswer(PollVerdict.RETRY, status, remote_status=remote,
-                              message=f"COMPLETED without an http(s) media_url: {excerpt(body)}")
+                              message=f"COMPLETED without a media_url: {excerpt(body)}")
+        # A media_url that is not http(s) is kept: the download refuses it with a clear reason,
+        # instead of polling a finished job again until api.job_timeout.
         created, completed = _iso_seconds(data.get("created_at")), _iso_seconds(data.get("completed_at"))
         took = completed - created if created is not None and completed is not None else None
         return PollAnswer(PollVerdict.COMPLETED, status, remote_status=remote, media_url=media_url,
@@ -284,6 +286,11 @@ class ApiClient:
 
     def set_key(self, api_key: Secret) -> None:
         self._key = api_key
+
+    @property
+    def key_source(self) -> str:
+        """Where the key in use came from (never the key itself), for errors that say what to fix."""
+        return self._key.source
 
     def _api_headers(self) -> dict[str, str]:
         return {KEY_HEADER: self._key.reveal(), "Cache-Control": "no-cache"}

@@ -1,4 +1,4 @@
-"""The command line: run, status, emulator, demo. Configures logging once, turns errors into exit codes."""
+"""The command line: run, status, retry, emulator, demo. Configures logging once, turns errors into exit codes."""
 
 from __future__ import annotations
 
@@ -49,6 +49,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: service.request_reload())
     clean = service.run()
     if not clean:
         # A stage is still inside a network call past shutdown_timeout; its job is safe in the journal
@@ -75,6 +76,8 @@ def render_status(summary: dict) -> str:
     lines.append(f"daemon: {'running' if running else 'not running'} (last heartbeat {_age(beat)} ago)")
     if summary["paused"]:
         lines.append(f"paused: {summary['paused']}")
+    if summary.get("inbox_unavailable"):
+        lines.append(f"inbox: unavailable ({summary['inbox_unavailable']})")
     counts = {k: v for k, v in summary["counts"].items() if v}
     lines.append("jobs: " + (", ".join(f"{k} {v}" for k, v in counts.items()) or "none"))
     lines.append(f"submissions spent: {summary['submissions_spent']}, duplicates skipped: "
@@ -113,6 +116,70 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_retry(args: argparse.Namespace) -> int:
+    """Send failed files through the pipeline again: the running daemon does it, or this command."""
+    from .journal import Journal, JournalError
+    from .retry import RetryError, requeue, select_failed
+    from .service import journal_path, try_instance_lock
+
+    if bool(args.paths) == args.all:
+        return _error("retry: name the files in failed/ to send again, or --all (not both)", EXIT_CONFIG)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        return _error(f"configuration error: {exc}", EXIT_CONFIG)
+    path = journal_path(config)
+    if not path.exists():
+        return _error(f"no journal at {path}: the daemon has not run with this state_dir yet", EXIT_FAILURE)
+    try:
+        journal = Journal(path)
+    except JournalError as exc:
+        return _error(str(exc), EXIT_FAILURE)
+    try:
+        try:
+            jobs = select_failed(journal, config.folders.failed, args.paths, args.all)
+        except RetryError as exc:
+            return _error(str(exc), EXIT_FAILURE)
+        if not jobs:
+            print("nothing to retry: failed/ holds no file this daemon failed")
+            return EXIT_OK
+        lock = try_instance_lock(config.state_dir)
+        if lock is None:  # the daemon runs: it moves the files itself, between its own steps
+            journal.request_retry([job.id for job in jobs])
+            deadline = time.monotonic() + args.wait
+            while journal.retry_requests() and time.monotonic() < deadline:
+                time.sleep(0.1)
+        else:
+            try:
+                for job in jobs:
+                    try:
+                        requeue(journal, config.folders.inbox, job)
+                    except (RetryError, OSError) as exc:
+                        print(f"codeformer-daemon: {job.rel_path}: cannot retry: {exc}", file=sys.stderr)
+            finally:
+                os.close(lock)
+        return _report_retries(journal, jobs)
+    finally:
+        journal.close()
+
+
+def _report_retries(journal, jobs) -> int:
+    from .journal import JobState
+
+    waiting = set(journal.retry_requests())
+    code = EXIT_OK
+    for old in jobs:
+        job = journal.get(old.id)
+        if job.state is not JobState.FAILED:
+            print(f"{old.final_path} -> back in the inbox as {job.rel_path} (job #{job.id})")
+        elif job.id in waiting:
+            print(f"{old.final_path} -> queued; the daemon has not taken it yet")
+        else:
+            print(f"{old.final_path} -> not retried; see the daemon's log (job.retry_refused)")
+            code = EXIT_FAILURE
+    return code
+
+
 def cmd_emulator(args: argparse.Namespace) -> int:
     from . import emulator
 
@@ -146,6 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--config", required=True)
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(handler=cmd_status)
+
+    again = commands.add_parser("retry", help="send files from failed/ through the pipeline again "
+                                               "(once the cause is fixed); works while the daemon runs")
+    again.add_argument("--config", required=True)
+    again.add_argument("paths", nargs="*", metavar="PATH", help="files in failed/ (or their .error.json)")
+    again.add_argument("--all", action="store_true", help="every file in failed/ this daemon failed")
+    again.add_argument("--wait", type=float, default=10.0, help=argparse.SUPPRESS)
+    again.set_defaults(handler=cmd_retry)
 
     from . import emulator
 

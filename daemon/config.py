@@ -33,10 +33,12 @@ class ConfigError(Exception):
 class Secret:
     """A string that never shows itself in a repr, a log line or an error text."""
 
-    __slots__ = ("_value",)
+    __slots__ = ("_value", "source")
 
-    def __init__(self, value: str) -> None:
+    def __init__(self, value: str, source: str = "the API key") -> None:
         self._value = value
+        self.source = source
+        """Where the key came from, in words for an error that says what to fix (never the key)."""
 
     def reveal(self) -> str:
         return self._value
@@ -120,6 +122,7 @@ class WatchConfig:
     settle_seconds: float = field(default=2.0, metadata=_range(0.0, 3600))
     rescan_seconds: float = field(default=60.0, metadata=_range(1.0, 86400))
     ignore: tuple[str, ...] = ()
+    mode: str = field(default="auto", metadata=_choice("auto", "events", "polling"))
 
 
 @dataclass(frozen=True)
@@ -304,13 +307,13 @@ def load_config(path: str | Path) -> Config:
     return config_from_mapping(data, path.resolve().parent)
 
 
-def _checked_key(value: str, source: str) -> Secret:
+def _checked_key(value: str, key: str, source: str) -> Secret:
     """A key must be one printable token: anything else would break the header (and its error
     text would carry the key into logs and error records)."""
     if not re.fullmatch(r"[\x21-\x7e]+", value):
-        raise ConfigError(f"{source}: the API key has spaces, line breaks or other characters a header "
+        raise ConfigError(f"{key}: the API key has spaces, line breaks or other characters a header "
                           "cannot carry; it should be a single line holding only the key")
-    return Secret(value)
+    return Secret(value, source)
 
 
 def resolve_api_key(config: Config, environ: typing.Mapping[str, str] | None = None) -> Secret:
@@ -331,9 +334,9 @@ def resolve_api_key(config: Config, environ: typing.Mapping[str, str] | None = N
             raise ConfigError(f"api.api_key_file: {key_file} is empty")
     from_env = environ.get(API_KEY_ENV, "").strip()
     if from_env:
-        return _checked_key(from_env, API_KEY_ENV)
+        return _checked_key(from_env, API_KEY_ENV, f"the {API_KEY_ENV} environment variable")
     if from_file:
-        return _checked_key(from_file, "api.api_key_file")
+        return _checked_key(from_file, "api.api_key_file", f"api.api_key_file ({key_file})")
     credentials = environ.get("CREDENTIALS_DIRECTORY")
     if credentials:
         credential = Path(credentials) / API_KEY_CREDENTIAL
@@ -343,7 +346,8 @@ def resolve_api_key(config: Config, environ: typing.Mapping[str, str] | None = N
             except OSError as exc:
                 raise ConfigError(f"credential {API_KEY_CREDENTIAL}: cannot read {credential}: {exc.strerror}") from None
             if value:
-                return _checked_key(value, f"credential {API_KEY_CREDENTIAL}")
+                return _checked_key(value, f"credential {API_KEY_CREDENTIAL}",
+                                    f"the systemd credential {API_KEY_CREDENTIAL} ({credential})")
     raise ConfigError(
         f"api.api_key_file: no API key found; set {API_KEY_ENV}, point api.api_key_file at a file "
         f"holding the key, or pass a systemd credential named {API_KEY_CREDENTIAL}"

@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class JobState(str, enum.Enum):
@@ -42,7 +42,7 @@ class JobState(str, enum.Enum):
     DONE = "done"
     """Restored: output in the outbox, original in the archive."""
     FAILED = "failed"
-    """Explained: original in failed/ beside its .error.json."""
+    """Explained: original in failed/ beside its .error.json (until `retry` sends it again)."""
     VANISHED = "vanished"
     """The file left the inbox before it was sent (deleted or renamed away): nothing to do."""
 
@@ -61,7 +61,7 @@ TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
     JobState.DELIVERING: frozenset({JobState.DONE}),
     JobState.FAILING: frozenset({JobState.FAILED}),
     JobState.DONE: frozenset(),
-    JobState.FAILED: frozenset(),
+    JobState.FAILED: frozenset({JobState.PENDING}),  # `codeformer-daemon retry`
     JobState.VANISHED: frozenset(),
 }
 """The legal moves of the state machine; anything else is a bug and raises."""
@@ -151,6 +151,7 @@ CREATE TABLE IF NOT EXISTS job_events (
     detail TEXT
 );
 CREATE INDEX IF NOT EXISTS job_events_by_job ON job_events(job_id);
+CREATE TABLE IF NOT EXISTS retry_requests (job_id INTEGER PRIMARY KEY, requested_at REAL NOT NULL);
 """
 
 MIGRATIONS: dict[int, str] = {
@@ -158,6 +159,7 @@ MIGRATIONS: dict[int, str] = {
         ALTER TABLE jobs ADD COLUMN duplicate_of INTEGER;
         CREATE INDEX IF NOT EXISTS jobs_by_content ON jobs(sha256);
     """,
+    3: "CREATE TABLE IF NOT EXISTS retry_requests (job_id INTEGER PRIMARY KEY, requested_at REAL NOT NULL);",
 }
 """SQL that takes an existing journal from version N-1 to N; a new journal gets `_SCHEMA` directly."""
 
@@ -377,6 +379,22 @@ class Journal:
                 return None, _row_to_job(row)
             return self.transition(job, JobState.SUBMITTING, detail), None
 
+    # ------------------------------------------------------------------ retry requests (from the CLI)
+
+    def request_retry(self, job_ids: list[int]) -> None:
+        """Ask the running daemon to send these failed jobs again (see daemon.retry)."""
+        with self.transaction() as cur:
+            cur.executemany("INSERT OR IGNORE INTO retry_requests(job_id, requested_at) VALUES (?, ?)",
+                            [(job_id, self._clock()) for job_id in job_ids])
+
+    def retry_requests(self) -> list[int]:
+        with self._lock:
+            return [r[0] for r in self._db.execute("SELECT job_id FROM retry_requests ORDER BY job_id")]
+
+    def forget_retry_request(self, job_id: int) -> None:
+        with self.transaction() as cur:
+            cur.execute("DELETE FROM retry_requests WHERE job_id = ?", (job_id,))
+
     def get(self, job_id: int) -> Job | None:
         with self._lock:
             row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -446,6 +464,7 @@ class Journal:
             "in_flight": in_flight,
             "recent_failures": failures,
             "paused": self.get_meta("paused"),
+            "inbox_unavailable": self.get_meta("inbox_unavailable"),
             "ambiguous_at_restart": self.counter("ambiguous_at_restart"),
             "duplicates_skipped": self.counter("duplicates_skipped"),
             "submissions_spent": int(spent),

@@ -2,7 +2,9 @@
 
 A reader of the outbox never sees a partial file: results are written to a hidden temporary file in
 the target folder, fsynced, then linked into place under a name that did not exist (so nothing is
-ever overwritten), and the folder is fsynced. Moves across file systems copy, fsync, then remove.
+ever overwritten), and the folder is fsynced. Moves across file systems copy, fsync, then remove;
+where the file system refuses a hard link they rename. A symbolic link is always moved as the link
+itself, never as what it points at.
 """
 
 from __future__ import annotations
@@ -123,13 +125,16 @@ def finish_temp(f: BinaryIO) -> None:
 def free_name(wanted: Path) -> Path:
     """The first of wanted, wanted-1, wanted-2, ... that does not exist yet."""
     n = 0
-    while numbered(wanted, n).exists():
+    while os.path.lexists(numbered(wanted, n)):  # a dangling link still takes its name
         n += 1
     return numbered(wanted, n)
 
 
 def _same_content(a: Path, b: Path) -> bool:
+    """Same file or same bytes; two links are the same when they point at the same place."""
     try:
+        if os.path.islink(a) or os.path.islink(b):
+            return os.path.islink(a) and os.path.islink(b) and os.readlink(a) == os.readlink(b)
         return os.path.samefile(a, b) or filecmp.cmp(a, b, shallow=False)
     except OSError:
         return False
@@ -143,16 +148,23 @@ def move_to(source: Path, target: Path) -> None:
     holds something else, FileExistsError: the caller picks another name. Never overwrites.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists():
+    if os.path.lexists(target):
         if not _same_content(source, target):
             raise FileExistsError(errno.EEXIST, "a different file already has this name", str(target))
     else:
         try:
-            os.link(source, target)  # same file system: atomic, and never clobbers
+            # Same file system: atomic and never clobbers; a link is linked as itself, not followed.
+            os.link(source, target, follow_symlinks=False)
         except OSError as exc:
-            if exc.errno not in NO_HARD_LINKS:
+            if exc.errno == errno.EXDEV:
+                _copy_into_place(source, target)
+            elif exc.errno in NO_HARD_LINKS:
+                _rename_into_place(source, target)
+                fsync_dir(target.parent)
+                fsync_dir(source.parent)
+                return
+            else:
                 raise
-            _copy_into_place(source, target)
         fsync_dir(target.parent)
     source.unlink()
     fsync_dir(source.parent)
@@ -169,8 +181,24 @@ def move_file(source: Path, wanted: Path) -> Path:
             continue  # another program took the name between the check and the move
 
 
+def _rename_into_place(source: Path, target: Path) -> None:
+    """Same file system, but no hard link: unsupported, or refused for a file this user may not read
+    (fs.protected_hardlinks). A rename needs only the folders to be writable; check-then-rename is
+    serialised like `place`."""
+    with _PLACING:
+        if os.path.lexists(target):
+            raise FileExistsError(errno.EEXIST, "name already taken", str(target))
+        os.rename(source, target)
+
+
 def _copy_into_place(source: Path, target: Path) -> None:
-    """Across file systems: copy to a temporary file beside `target`, fsync, then link it in."""
+    """Across file systems: copy to a temporary file beside `target`, fsync, then link it in.
+
+    A symbolic link is re-created as a link (os.symlink never clobbers), never copied through.
+    """
+    if os.path.islink(source):
+        os.symlink(os.readlink(source), target)
+        return
     with temporary_file(target.parent) as (temp, f):
         with open(source, "rb") as src:
             shutil.copyfileobj(src, f, 1024 * 1024)

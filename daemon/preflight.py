@@ -7,17 +7,21 @@ upload-safe PNG in the staging folder. Everything else is rejected with a reason
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image, UnidentifiedImageError
 
 PASS_THROUGH_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png"}
 PASS_THROUGH_MODES = {"RGB", "RGBA", "L", "LA", "P"}
 CHUNK = 1024 * 1024
+SYMLINK_REASON = "a symbolic link: links in the inbox are never followed, published or sent"
 
 
 class PreflightError(Exception):
@@ -42,12 +46,22 @@ class PreflightResult:
     converted: bool
 
 
-def file_sha256(path: Path) -> str:
+def _sha256_of(f: BinaryIO) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK), b""):
-            digest.update(chunk)
+    for chunk in iter(lambda: f.read(CHUNK), b""):
+        digest.update(chunk)
     return digest.hexdigest()
+
+
+def _open_no_follow(path: Path) -> BinaryIO:
+    """Open the inbox file itself, never what a link points at: a link swapped in after the check is refused."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise PreflightError(SYMLINK_REASON) from None
+        raise PreflightError(f"cannot read the file: {exc.strerror}") from None
+    return os.fdopen(fd, "rb")
 
 
 def needs_conversion(image_format: str | None, mode: str) -> bool:
@@ -68,36 +82,27 @@ def _to_upload_mode(image: Image.Image) -> Image.Image:
 
 
 def check_image(path: Path, staging_dir: Path, stem: str, *, max_pixels: int) -> PreflightResult:
-    """Check `path` by content; convert to PNG in `staging_dir` as `<stem>.png` when needed."""
+    """Check `path` by content; convert to PNG in `staging_dir` as `<stem>.png` when needed.
+
+    The file is read through one descriptor opened without following links, so what is hashed,
+    decoded and judged is the same file, and always one inside the inbox.
+    """
     try:
-        size = os.stat(path).st_size
+        st = os.lstat(path)
     except OSError as exc:
         raise PreflightError(f"cannot read the file: {exc.strerror}") from None
-    if size == 0:
-        raise PreflightError("the file is empty (0 bytes)")
+    if stat.S_ISLNK(st.st_mode):
+        raise PreflightError(SYMLINK_REASON)
+    if not stat.S_ISREG(st.st_mode):
+        raise PreflightError("not a regular file")
+    f = _open_no_follow(path)
     try:
-        sha256 = file_sha256(path)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                width, height = image.size
-                if width * height > max_pixels:
-                    raise PreflightError(
-                        f"the image has {width}x{height} = {width * height} pixels, over "
-                        f"preflight.max_pixels ({max_pixels})")
-                image_format = image.format or "unknown"
-                image.load()  # a full decode: catches truncated and corrupt files
-                if not needs_conversion(image.format, image.mode):
-                    return PreflightResult(sha256, width, height, image_format, path,
-                                           PASS_THROUGH_FORMATS[image_format], False)
-                staging_dir.mkdir(parents=True, exist_ok=True)
-                target = staging_dir / f"{stem}.png"
-                converted = _to_upload_mode(image)
-                temp = target.with_suffix(".png.tmp")
-                converted.save(temp, format="PNG")
-                os.replace(temp, target)
-                width, height = converted.size
-                return PreflightResult(sha256, width, height, image_format, target, "image/png", True)
+        with f:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise PreflightError("the file is empty (0 bytes)")
+            sha256 = _sha256_of(f)
+            f.seek(0)
+            return _decode(f, path, sha256, staging_dir, stem, max_pixels)
     except PreflightError:
         raise
     except UnidentifiedImageError:
@@ -108,3 +113,29 @@ def check_image(path: Path, staging_dir: Path, stem: str, *, max_pixels: int) ->
         raise PreflightError(f"cannot read the file: {exc.strerror}") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise PreflightError(f"the image is truncated or corrupt: {exc}") from None
+
+
+def _decode(f: BinaryIO, path: Path, sha256: str, staging_dir: Path, stem: str,
+            max_pixels: int) -> PreflightResult:
+    """Decode the open file fully under the pixel limit; pass it through or write the upload PNG."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(f) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise PreflightError(
+                    f"the image has {width}x{height} = {width * height} pixels, over "
+                    f"preflight.max_pixels ({max_pixels})")
+            image_format = image.format or "unknown"
+            image.load()  # a full decode: catches truncated and corrupt files
+            if not needs_conversion(image.format, image.mode):
+                return PreflightResult(sha256, width, height, image_format, path,
+                                       PASS_THROUGH_FORMATS[image_format], False)
+            staging_dir.mkdir(parents=True, exist_ok=True)
+            target = staging_dir / f"{stem}.png"
+            converted = _to_upload_mode(image)
+            temp = target.with_suffix(".png.tmp")
+            converted.save(temp, format="PNG")
+            os.replace(temp, target)
+            width, height = converted.size
+            return PreflightResult(sha256, width, height, image_format, target, "image/png", True)

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import structlog
 
-from . import stages
+from . import retry, stages
 from .api import PollVerdict, SubmitVerdict
 from .journal import FINAL_STATES, IN_FLIGHT_STATES, Job, JobState, StaleTransition
 from .outbox import remove_temporaries
+from .pacing import KEY_REJECTED, NO_BALANCE, SubmitGate, full_jitter, next_poll_time
 from .watcher import InboxWatcher
 
 log = structlog.get_logger("daemon.scheduler")
@@ -34,80 +35,6 @@ LOOP_ERROR_PAUSE = 2.0
 
 MAX_SLEEP = 0.5
 """The loop's longest nap: bounds how late it notices a stop flag set by a signal handler."""
-
-PREDICTION_MARGIN = 0.02
-"""Seconds after a job's predicted completion at which to look (covers timer and network jitter)."""
-
-FOLLOW_UP_WINDOW = 0.25
-"""For this share of the expected time after the predicted finish, follow-up polls come quicker."""
-
-
-def next_poll_time(now: float, sent_at: float | None, interval: float, expected: float | None) -> float:
-    """When to poll a job next: every `interval`, plus right when the job is expected to finish.
-
-    `expected` is the provider's typical processing time, learnt from its own completed_at -
-    created_at, and `sent_at` is when the submit left. Just after the expected finish the job is
-    looked at again after short, growing pauses for a little while (a job rarely runs exactly to
-    the average), then the plain interval takes over. This cuts the wait after completion by far
-    more than it adds polls.
-    """
-    grid = now + interval
-    if expected is None or sent_at is None:
-        return grid
-    predicted = sent_at + expected + PREDICTION_MARGIN
-    if now < predicted:
-        return min(predicted, grid)
-    overdue = now - predicted
-    if overdue < expected * FOLLOW_UP_WINDOW:
-        return min(grid, now + max(2 * PREDICTION_MARGIN, overdue))
-    return grid
-
-
-class SubmitGate:
-    """Pauses every submit while the provider refuses them all (empty wallet, bad key).
-
-    While paused, one probe submit is let through each time the backoff runs out; an accepted probe
-    opens the gate again. Pure bookkeeping over the scheduler's clock.
-    """
-
-    def __init__(self, first_delay: float = 5.0, max_delay: float = 300.0) -> None:
-        self.first_delay = first_delay
-        self.max_delay = max_delay
-        self.reason: str | None = None
-        self.until = 0.0
-        self.delay = 0.0
-        self.probe_out = False
-
-    @property
-    def paused(self) -> bool:
-        return self.reason is not None
-
-    def allowed(self, now: float, free_slots: int) -> int:
-        if not self.paused:
-            return free_slots
-        if self.probe_out or now < self.until:
-            return 0
-        self.probe_out = True
-        return min(1, free_slots)
-
-    def launch_ended_without_submit(self) -> None:
-        """The probe's job never reached the provider (vanished, bad file, a twin): let another try."""
-        self.probe_out = False
-
-    def on_submit(self, verdict: SubmitVerdict, now: float, message: str) -> str | None:
-        """Update from one submit answer; returns 'paused' or 'resumed' when that changes."""
-        if verdict in (SubmitVerdict.NO_BALANCE, SubmitVerdict.AUTH):
-            reason = "insufficient balance" if verdict is SubmitVerdict.NO_BALANCE else "key rejected"
-            changed = self.reason != reason
-            self.delay = self.first_delay if changed else min(self.max_delay, self.delay * 2)
-            self.reason, self.until, self.probe_out = reason, now + self.delay, False
-            return "paused" if changed else None
-        self.probe_out = False
-        if self.paused and verdict is SubmitVerdict.ACCEPTED:
-            self.reason = None
-            return "resumed"
-        return None
-
 
 @dataclass
 class _Running:
@@ -134,7 +61,10 @@ class Scheduler:
                                        thread_name_prefix="stage")
         self.wake = wake or threading.Event()
         self.stop_requested = False
-        self.gate = SubmitGate()
+        self.gate = SubmitGate(self.max_in_flight)
+        self.reload_hook: Callable[[], None] = lambda: None
+        """Re-reads what can change without a restart (the key); set by the service, run on SIGHUP."""
+        self._reload_requested = False
         self._finished: queue.SimpleQueue[_Running] = queue.SimpleQueue()
         self._running: dict[int, _Running] = {}
         self._next_poll: dict[int, float] = {}
@@ -161,6 +91,9 @@ class Scheduler:
                 self.wake.clear()  # before the pass: a wake-up during it makes the next nap return at once
                 try:
                     self.collect_finished()
+                    self.watch_inbox()
+                    self.reload_if_requested()
+                    self.take_retry_requests()
                     self.take_new_files()
                     self.fail_overdue_jobs()
                     self.start_submits()
@@ -174,10 +107,22 @@ class Scheduler:
                 self.sleep_until_due()
         finally:
             self.ctx.journal.set_meta("paused", None)
+            self.ctx.journal.set_meta("inbox_unavailable", None)  # `status` must not show a stale fact
 
     def request_stop(self) -> None:
         """Only sets a flag, so it is safe in a signal handler; the loop sees it within one pass."""
         self.stop_requested = True
+
+    def request_reload(self) -> None:
+        """Only sets a flag (safe in a SIGHUP handler); the loop reloads at its next pass."""
+        self._reload_requested = True
+
+    def reload_if_requested(self) -> None:
+        if not self._reload_requested:
+            return
+        self._reload_requested = False
+        self.reload_hook()
+        self.gate.reload(self.clock())
 
     def stop(self) -> None:
         """Ask the loop to end after its current step, and wake it now (not from a signal handler)."""
@@ -212,7 +157,7 @@ class Scheduler:
             log.warning("job.ambiguous_at_restart", rel_path=job.rel_path, job_id=job.id)
             stages.fail(self.ctx, job, "submit_ambiguous",
                         "the daemon stopped while this file's submit was being sent; it is not resent "
-                        "automatically so it cannot be paid for twice (drop it into the inbox again to resend)")
+                        "automatically so it cannot be paid for twice. " + stages.RESEND_HINT)
         keep = set()
         for job in journal.jobs_in(JobState.SUBMITTED):
             if job.hosted_key and job.upload_path:
@@ -252,25 +197,42 @@ class Scheduler:
             sent_at = outcome.sent_at if outcome.sent_at is not None else now
             self._submitted_clock[outcome.job_id] = sent_at
             self._next_poll[outcome.job_id] = next_poll_time(now, sent_at, self.poll_interval, self._expected)
-        change = self.gate.on_submit(answer.verdict, now, answer.message)
+        self._announce(self.gate.on_submit(answer, now, outcome.sent_at), answer.message)
+
+    def _announce(self, change: str | None, detail: str) -> None:
+        """Say what the gate's change means, once, and keep `status` in step with it."""
+        gate = self.gate
         if change == "paused":
-            log.error("submits.paused", reason=self.gate.reason, detail=answer.message,
-                      next_probe_in=round(self.gate.delay, 1), fix=self._fix_for(self.gate.reason))
-            self.ctx.journal.set_meta("paused", self.gate.reason)
+            log.error("submits.paused", reason=gate.reason, detail=detail, next_probe_in=round(gate.delay, 1),
+                      fix=self._fix_for(gate.reason))
+            self.ctx.journal.set_meta("paused", gate.reason)
         elif change == "resumed":
             log.info("submits.resumed")
             self.ctx.journal.set_meta("paused", None)
+        elif change == "rate_limited":
+            log.warning("submits.rate_limited", detail=detail, in_flight_limit=gate.limit,
+                        max_in_flight=self.max_in_flight)
+        elif change == "all_rejected":
+            log.error("submits.all_rejected", rejected_in_a_row=gate.rejected_in_a_row, last_error=detail,
+                      hint="every recent file was refused as a bad request: the configuration is likely at "
+                           "fault (restore parameters, api.base_url); fix it, then `codeformer-daemon retry --all`")
 
-    @staticmethod
-    def _fix_for(reason: str | None) -> str:
-        if reason == "insufficient balance":
+    def _fix_for(self, reason: str | None) -> str:
+        if reason == NO_BALANCE:
             return "top up the provider wallet; submits resume by themselves"
-        return ("check the key in CODEFORMER_API_KEY, api.api_key_file or the api_key credential, "
-                "then reload (SIGHUP)")
+        source = self.ctx.api.key_source
+        if "environment" in source:
+            return f"put a valid key in {source} and restart the daemon; the key is also re-checked by itself"
+        return (f"put a valid key in {source}, then reload (systemctl reload codeformer-daemon, or send "
+                "SIGHUP); the key is also re-checked by itself")
 
     def _on_poll(self, outcome: stages.StageOutcome, now: float) -> None:
         answer = outcome.poll
         job_id = outcome.job_id
+        if answer.verdict is PollVerdict.AUTH:
+            self._announce(self.gate.on_key_rejected_by_poll(answer.message, now), answer.message)
+        elif answer.http_status is not None:
+            self._announce(self.gate.on_key_accepted_by_poll(), "")
         if answer.verdict is PollVerdict.COMPLETED and answer.provider_seconds is not None:
             sample = answer.provider_seconds
             self._expected = sample if self._expected is None else 0.8 * self._expected + 0.2 * sample
@@ -281,6 +243,41 @@ class Scheduler:
         else:
             self._next_poll.pop(job_id, None)
             self._submitted_clock.pop(job_id, None)
+
+    _inbox_state_recorded: str | None = "(nothing recorded yet)"
+    """What `watch_inbox` last wrote for `status`; this class default makes the first pass write it."""
+
+    def watch_inbox(self) -> None:
+        """Keep the watcher watching (a dead observer, a vanished inbox) and record the inbox's state."""
+        self.watcher.check_health()
+        reason = self.watcher.unavailable_reason
+        if reason != self._inbox_state_recorded:
+            self.ctx.journal.set_meta("inbox_unavailable", reason)
+            self._inbox_state_recorded = reason
+            if reason is None:
+                self._retry_jobs_held_by_the_inbox()
+
+    def _retry_jobs_held_by_the_inbox(self) -> None:
+        """The inbox is back: jobs that waited for it go on now rather than after their backoff."""
+        now_wall = self.ctx.wall()
+        for job in self.ctx.journal.jobs_in(JobState.PENDING, JobState.DELIVERING, JobState.FAILING):
+            held = (job.last_error or "").startswith(stages.InboxUnavailable.__name__)
+            if held and job.id not in self._running and job.not_before > now_wall:
+                self._stage_errors.pop(job.id, None)
+                try:
+                    self.ctx.journal.update(job, not_before=now_wall)
+                except StaleTransition:
+                    pass  # a stage moved it meanwhile: it is going on anyway
+
+    def take_retry_requests(self) -> None:
+        """Failed files that `codeformer-daemon retry` asked for go back into the inbox as pending jobs.
+
+        Done here, on the loop's own thread before `take_new_files`, so the watcher never sees a
+        returned file without its job.
+        """
+        if self.stop_requested or not self.watcher.available:
+            return
+        retry.take_requests(self.ctx.journal, self.ctx.inbox)
 
     def take_new_files(self) -> None:
         """Settled files from the watcher become PENDING jobs with today's restore parameters."""
@@ -295,6 +292,13 @@ class Scheduler:
                          settle_wait=round(sighting.waited, 3))
 
     def fail_overdue_jobs(self) -> None:
+        """Jobs the provider has held longer than api.job_timeout go to failed/.
+
+        Not while the key is rejected: then it is the daemon that cannot ask, not the provider
+        that is slow, and the jobs may well be finished and paid for.
+        """
+        if self.gate.reason == KEY_REJECTED:
+            return
         now_wall = self.ctx.wall()
         for job in self.ctx.journal.jobs_in(JobState.SUBMITTED):
             if job.id in self._running or job.submitted_at is None:
@@ -306,10 +310,12 @@ class Scheduler:
 
     def start_submits(self) -> None:
         """Fill free slots with the oldest pending jobs whose backoff has passed."""
+        if not self.watcher.available:  # their files cannot be read: they wait, nothing is dropped
+            return
         if self.stop_requested:
             return
         journal = self.ctx.journal
-        free = self.max_in_flight - journal.count_in(*IN_FLIGHT_STATES)
+        free = self.gate.limit - journal.count_in(*IN_FLIGHT_STATES)
         if free <= 0:
             return
         now_wall = self.ctx.wall()
@@ -325,6 +331,8 @@ class Scheduler:
 
     def start_checks_ahead(self) -> None:
         """Preflight the next few pending files while the slots are busy (at most two at a time)."""
+        if not self.watcher.available:
+            return
         if self.stop_requested:
             return
         checking = sum(r.kind == "check" for r in self._running.values())
@@ -375,8 +383,13 @@ class Scheduler:
                 self._dispatch(job, job.state.value, work[job.state])
 
     def heartbeat(self) -> None:
+        """Show the daemon is alive (for `status`), and remind, at a bounded rate, of a pause."""
         now = self.clock()
         self.last_pass = now
+        if self.gate.reminder_due(now):
+            log.error("submits.still_paused", reason=self.gate.reason, detail=self.gate.detail,
+                      paused_for=round(now - self.gate.paused_since), next_probe_in=round(max(0.0, self.gate.until - now), 1),
+                      waiting=self.ctx.journal.count_in(JobState.PENDING), fix=self._fix_for(self.gate.reason))
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + 2.0
             self.ctx.journal.set_meta("heartbeat", repr(self.ctx.wall()))
@@ -385,8 +398,9 @@ class Scheduler:
         now = self.clock()
         deadlines = [now + MAX_SLEEP, self.watcher.next_deadline()]
         deadlines += [t for j, t in self._next_poll.items() if j not in self._running]
-        if self.gate.paused and not self.gate.probe_out and self.gate.until > now:
-            deadlines.append(self.gate.until)
+        gate_opens = self.gate.wake_at(now)
+        if gate_opens is not None:
+            deadlines.append(gate_opens)
         timeout = min(deadlines) - now
         if timeout > 0:
             self.wake.wait(timeout)
@@ -413,9 +427,12 @@ class Scheduler:
         """An unexpected error (disk full, folder not writable): keep the job and retry it later."""
         current = self.ctx.journal.get(job.id)
         errors = self._stage_errors[job.id] = self._stage_errors.get(job.id, 0) + 1
-        delay = stages.backoff_delay(errors, base=2.0, cap=120.0)
-        log.error("job.stage_error", stage=job.state.value, error=f"{type(exc).__name__}: {exc}",
-                  retry_in=round(delay, 1), exc_info=not isinstance(exc, OSError))
+        delay = full_jitter(errors, base=2.0, cap=120.0)
+        if isinstance(exc, stages.InboxUnavailable):  # one watch.inbox_unavailable error says it for all
+            log.info("job.waiting_for_inbox", stage=job.state.value, retry_in=round(delay, 1))
+        else:
+            log.error("job.stage_error", stage=job.state.value, error=f"{type(exc).__name__}: {exc}",
+                      retry_in=round(delay, 1), exc_info=not isinstance(exc, OSError))
         if current is None or current.state in FINAL_STATES:
             return
         changes = {"not_before": self.ctx.wall() + delay, "last_error": f"{type(exc).__name__}: {exc}"}

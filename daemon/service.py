@@ -16,7 +16,7 @@ import structlog
 
 from . import __version__
 from .api import ApiClient
-from .config import Config, Secret
+from .config import Config, ConfigError, Secret, resolve_api_key
 from .hosting import HostingAdapter, HostingError, create_adapter
 from .journal import Journal, JournalError
 from .logging import register_secret
@@ -37,6 +37,21 @@ class StartupError(Exception):
 
 def journal_path(config: Config) -> Path:
     return config.state_dir / JOURNAL_NAME
+
+
+def try_instance_lock(state_dir: Path) -> int | None:
+    """Take the one-daemon-per-state_dir lock: its file descriptor, or None if a daemon holds it.
+
+    Two daemons on one state_dir would submit the same files twice. The lock is released when
+    the descriptor is closed (or the process dies, even by SIGKILL).
+    """
+    fd = os.open(state_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
 
 
 class Service:
@@ -77,8 +92,9 @@ class Service:
         wake = threading.Event()
         self.watcher = InboxWatcher(config.folders.inbox, settle_seconds=config.watch.settle_seconds,
                                     rescan_seconds=config.watch.rescan_seconds, ignore=config.watch.ignore,
-                                    wake=wake.set)
+                                    mode=config.watch.mode, wake=wake.set)
         self.scheduler = Scheduler(ctx, self.watcher, wake=wake)
+        self.scheduler.reload_hook = self.reload_key
         self.watcher.start()
         self.journal.set_meta("pid", str(os.getpid()))
         log.info("daemon.ready", version=__version__, inbox=str(config.folders.inbox),
@@ -86,13 +102,8 @@ class Service:
                  max_in_flight=config.api.max_in_flight, restore=config.restore.as_request())
 
     def _take_lock(self) -> None:
-        """Two daemons on one state_dir would submit the same files twice: refuse the second."""
-        path = self.config.state_dir / LOCK_NAME
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        fd = try_instance_lock(self.config.state_dir)
+        if fd is None:
             raise StartupError(f"another codeformer-daemon is already running with state_dir {self.config.state_dir}")
         self._lock_fd = fd
 
@@ -111,6 +122,24 @@ class Service:
             self._stop_requested_at = time.monotonic()
         if self.scheduler is not None:
             self.scheduler.request_stop()
+
+    def request_reload(self) -> None:
+        """For the SIGHUP handler: only sets a flag (no locks); the loop reloads within half a second."""
+        if self.scheduler is not None:
+            self.scheduler.request_reload()
+
+    def reload_key(self) -> None:
+        """Read the API key again from where it comes from; a broken source keeps the old key."""
+        try:
+            key = resolve_api_key(self.config)
+        except ConfigError as exc:
+            log.error("daemon.reload_failed", error=str(exc), detail="still using the key read earlier")
+            return
+        register_secret(key.reveal())
+        changed = key != self.api_key
+        self.api_key = key
+        self.scheduler.ctx.api.set_key(key)
+        log.info("daemon.reloaded", key_source=key.source, key_changed=changed)
 
     def stop(self) -> None:
         """Stop taking new files, let in-flight calls finish, and return from `run()`."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import shutil
 import time
 from collections.abc import Callable
@@ -28,15 +27,14 @@ from .hosting import HostingAdapter, HostingError, key_for_logs, new_key
 from .journal import Job, Journal, JobState, StaleTransition
 from .logging import mask_secrets
 from .outbox import Folders, claim_name, finish_temp, free_name, move_to, temporary_file, write_json_atomically
+from .pacing import full_jitter
 from .preflight import PreflightError, PreflightResult, check_image
+from .watcher import probe_inbox
 
 log = structlog.get_logger("daemon.stages")
 
-
-def backoff_delay(attempt: int, base: float = 2.0, cap: float = 300.0, rng: random.Random | None = None) -> float:
-    """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2**attempt)]."""
-    ceiling = min(cap, base * (2 ** max(0, attempt)))
-    return (rng or random).uniform(0, ceiling)
+RESEND_HINT = ("If the provider's dashboard shows no job for it, `codeformer-daemon retry` sends it "
+               "again.")
 
 
 def iso(ts: float) -> str:
@@ -90,6 +88,7 @@ def launch(ctx: Context, job: Job) -> StageOutcome:
         finish_delivery(ctx, ctx.journal.transition(job, JobState.DELIVERING, "reused result already in place"))
         return StageOutcome(job.id)
     if not os.path.lexists(source):
+        _require_inbox(ctx)
         ctx.journal.transition(job, JobState.VANISHED, "left the inbox before it was sent")
         log.info("file.vanished", rel_path=job.rel_path, job_id=job.id)
         return StageOutcome(job.id)
@@ -157,6 +156,7 @@ def check_ahead(ctx: Context, job: Job) -> StageOutcome:
 def _preflight(ctx: Context, job: Job, source: Path) -> PreflightResult | None:
     """Run preflight; on a bad file fail the job (or mark it vanished) and return None."""
     if not os.path.lexists(source):
+        _require_inbox(ctx)
         ctx.journal.transition(job, JobState.VANISHED, "left the inbox before it was sent")
         log.info("file.vanished", rel_path=job.rel_path, job_id=job.id)
         return None
@@ -164,6 +164,7 @@ def _preflight(ctx: Context, job: Job, source: Path) -> PreflightResult | None:
         checked = check_image(source, ctx.staging, f"job-{job.id}", max_pixels=ctx.config.preflight.max_pixels)
     except PreflightError as exc:
         if not os.path.lexists(source):
+            _require_inbox(ctx)
             ctx.journal.transition(job, JobState.VANISHED, "left the inbox during preflight")
             return None
         fail(ctx, job, "preflight", exc.reason)
@@ -251,7 +252,7 @@ def _record_submit(ctx: Context, job: Job, answer: SubmitAnswer, took: float) ->
     elif verdict is SubmitVerdict.AMBIGUOUS:
         fail(ctx, job, "submit_ambiguous",
              "the submit may have reached the provider but its answer was lost; it is not resent "
-             "automatically so it cannot be paid for twice (" + answer.message + ")")
+             "automatically so it cannot be paid for twice (" + answer.message + "). " + RESEND_HINT)
     else:
         counts = verdict is SubmitVerdict.RETRY and answer.http_status != 429
         _back_to_pending(ctx, job, answer.message, count_attempt=counts, retry_after=answer.retry_after,
@@ -265,10 +266,11 @@ def _back_to_pending(ctx: Context, job: Job, reason: str, *, count_attempt: bool
     reason = mask_secrets(reason)
     attempts = job.submit_attempts + (1 if count_attempt else 0)
     if attempts >= ctx.config.api.max_attempts:
+        job = ctx.journal.update(job, submit_attempts=attempts)
         fail(ctx, job, "attempts_exhausted", f"gave up after {attempts} attempts; last error: {reason}")
         return StageOutcome(job.id)
     _unpublish(ctx, job)
-    delay = retry_after if retry_after is not None else backoff_delay(attempts, base=1.0)
+    delay = retry_after if retry_after is not None else full_jitter(attempts, base=1.0, cap=300.0)
     ctx.journal.transition(job, JobState.PENDING, reason, submit_attempts=attempts, hosted_key=None,
                            not_before=ctx.wall() + delay, last_error=reason)
     if not quiet:
@@ -305,7 +307,8 @@ def poll(ctx: Context, job: Job) -> StageOutcome:
     elif verdict is PollVerdict.ERROR:
         log.warning("job.status", rel_path=job.rel_path, job_id=job.id, request_id=job.request_id,
                     status="ERROR", error=answer.message)
-        _back_to_pending(ctx, job, f"provider system error (not charged): {answer.message}", count_attempt=True)
+        # The accepted submit was counted already: an ERROR is not a second attempt.
+        _back_to_pending(ctx, job, f"provider system error (not charged): {answer.message}", count_attempt=False)
     else:
         log.warning("job.poll_error", rel_path=job.rel_path, job_id=job.id, request_id=job.request_id,
                     error=answer.message)
@@ -390,7 +393,7 @@ def _download_failed(ctx: Context, job: Job, reason: str, retryable: bool) -> No
     if not retryable or attempts >= ctx.config.api.max_attempts:
         fail(ctx, job, "download_failed", f"could not fetch the result after {attempts} attempt(s): {reason}")
         return
-    delay = backoff_delay(attempts, base=1.0, cap=60.0)
+    delay = full_jitter(attempts, base=1.0, cap=60.0)
     ctx.journal.update(job, download_attempts=attempts, not_before=ctx.wall() + delay, last_error=reason)
     log.warning("job.download_retry", rel_path=job.rel_path, job_id=job.id, error=reason, attempt=attempts,
                 delay=round(delay, 2))
@@ -399,13 +402,14 @@ def _download_failed(ctx: Context, job: Job, reason: str, retryable: bool) -> No
 def finish_delivery(ctx: Context, job: Job) -> None:
     """DELIVERING -> original to the archive, publication gone -> DONE. Safe to run again."""
     source = ctx.inbox / job.rel_path
-    if os.path.lexists(source):
-        if changed_since_taken(source, job):
-            log.warning("file.changed_after_taken", rel_path=job.rel_path, job_id=job.id,
-                        detail="left in the inbox; its new content is taken as new work")
-        else:
-            job = _move_original(ctx, job, source, ctx.folders.archive_path(job.rel_path))
-            log.info("file.archived", rel_path=job.rel_path, job_id=job.id, archived=job.final_path)
+    if not os.path.lexists(source):
+        _require_inbox(ctx)  # archived by an earlier run, or deleted: fine, but not while the inbox is away
+    elif changed_since_taken(source, job):
+        log.warning("file.changed_after_taken", rel_path=job.rel_path, job_id=job.id,
+                    detail="left in the inbox; its new content is taken as new work")
+    else:
+        job = _move_original(ctx, job, source, ctx.folders.archive_path(job.rel_path))
+        log.info("file.archived", rel_path=job.rel_path, job_id=job.id, archived=job.final_path)
     _unpublish(ctx, job)
     _remove_staged(ctx, job)
     job = ctx.journal.transition(job, JobState.DONE, "restored", finished_at=ctx.wall())
@@ -444,7 +448,9 @@ def finish_failing(ctx: Context, job: Job, api_error: str | None = None) -> None
     """FAILING -> the original into failed/ beside <name>.error.json -> FAILED. Safe to run again."""
     _unpublish(ctx, job)
     source = ctx.inbox / job.rel_path
-    if os.path.lexists(source) and not changed_since_taken(source, job):
+    if not os.path.lexists(source):
+        _require_inbox(ctx)
+    elif not changed_since_taken(source, job):
         job = _move_original(ctx, job, source, ctx.folders.failed_path(job.rel_path))
     final = Path(job.final_path) if job.final_path else None
     record_path = (final or ctx.folders.failed_path(job.rel_path))
@@ -495,3 +501,19 @@ def _remove_staged(ctx: Context, job: Job) -> None:
     if job.upload_path and Path(job.upload_path).parent == ctx.staging:
         with contextlib.suppress(FileNotFoundError):
             Path(job.upload_path).unlink()
+
+
+class InboxUnavailable(OSError):
+    """The inbox folder itself is missing or unreadable: an environment fault, not a vanished file."""
+
+
+def _require_inbox(ctx: Context) -> None:
+    """Raise InboxUnavailable when a job's source is missing because the whole inbox is.
+
+    A share unmounted or a disk pulled is no reason to drop the job or skip its archiving: raised
+    from a stage, the scheduler keeps the job and retries it later. The watcher's verdict (recorded
+    in the journal) also covers an unmounted share whose empty mount point still looks like a folder.
+    """
+    reason = ctx.journal.get_meta("inbox_unavailable") or probe_inbox(ctx.inbox)[1]
+    if reason is not None:
+        raise InboxUnavailable(f"the inbox is unavailable ({reason}); the job waits for it")

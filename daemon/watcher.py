@@ -4,6 +4,10 @@ A file is taken only once it is complete. Events (inotify's close-after-write wh
 has it) say *when to look*; the settle check decides: size and mtime unchanged for
 `watch.settle_seconds`, and no write left open. Rescans at start-up and every `watch.rescan_seconds`
 catch anything an event missed, so a lost event costs a delay, never a file.
+
+The watcher also keeps itself watching (`check_health`): inotify on local disks and polling on
+network and FUSE file systems (`watch.mode`), polling when inotify cannot start or its threads die,
+and a pause (nothing taken, nothing dropped) while the inbox itself is gone.
 """
 
 from __future__ import annotations
@@ -19,23 +23,18 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import structlog
-from watchdog.events import (
-    DirCreatedEvent,
-    FileAttribEvent,
-    DirMovedEvent,
-    FileClosedEvent,
-    FileCreatedEvent,
-    FileDeletedEvent,
-    FileModifiedEvent,
-    FileMovedEvent,
-    FileSystemEvent,
-    FileSystemEventHandler,
-)
-from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+
+from .mounts import Mount, mount_gone, mount_of, read_mountinfo
+from .observers import (START_FAILURE_FIXES, QueueingHandler, choose_observer, dead_thread, polling_interval,
+                        start_observer, stop_quietly)
 
 log = structlog.get_logger("daemon.watcher")
 
 TEMPORARY_SUFFIXES = (".part", ".tmp", ".crdownload")
+
+HEALTH_CHECK_SECONDS = 1.0
+"""How often `check_health` really looks (a stat and a few thread flags); calls in between return at once."""
 
 
 def is_ignored(rel_path: str, patterns: Iterable[str] = ()) -> bool:
@@ -47,6 +46,22 @@ def is_ignored(rel_path: str, patterns: Iterable[str] = ()) -> bool:
     if name.startswith("~") or name.lower().endswith(TEMPORARY_SUFFIXES):
         return True
     return any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(rel_path, p) for p in patterns)
+
+
+def probe_inbox(inbox: Path) -> tuple[tuple[int, int] | None, str | None]:
+    """The inbox folder's identity (device, inode), or why it cannot be watched now.
+
+    One stat and one access check: cheap enough to run every second.
+    """
+    try:
+        st = os.stat(inbox)
+    except OSError as exc:
+        return None, f"{inbox}: {exc.strerror or exc}"
+    if not stat.S_ISDIR(st.st_mode):
+        return None, f"{inbox} is not a folder"
+    if not os.access(inbox, os.R_OK | os.X_OK):
+        return None, f"{inbox} is not readable by this user"
+    return (st.st_dev, st.st_ino), None
 
 
 @dataclass(frozen=True)
@@ -132,68 +147,172 @@ class SettleTracker:
         return min(times) if times else None
 
 
-class _EventHandler(FileSystemEventHandler):
-    """Runs on the observer thread: only queues what happened and wakes the main loop."""
-
-    def __init__(self, events: queue.SimpleQueue, wake: Callable[[], None]) -> None:
-        self._events = events
-        self._wake = wake
-
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        # Only IN_MODIFY means bytes are being written (and a close will follow); a created or
-        # moved-in file may be complete already, and attribute changes are not writes.
-        if isinstance(event, FileModifiedEvent):
-            self._events.put(("write", os.fsdecode(event.src_path)))
-        elif isinstance(event, (FileCreatedEvent, FileAttribEvent)):
-            self._events.put(("appeared", os.fsdecode(event.src_path)))
-        elif isinstance(event, FileClosedEvent):
-            self._events.put(("closed", os.fsdecode(event.src_path)))
-        elif isinstance(event, (FileMovedEvent, DirMovedEvent)):
-            self._events.put(("gone", os.fsdecode(event.src_path)))
-            self._events.put(("appeared", os.fsdecode(event.dest_path)))
-        elif isinstance(event, DirCreatedEvent):
-            self._events.put(("appeared", os.fsdecode(event.src_path)))
-        elif isinstance(event, FileDeletedEvent):
-            self._events.put(("gone", os.fsdecode(event.src_path)))
-        else:
-            return
-        self._wake()
-
-
 class InboxWatcher:
-    """Turns the inbox's events and rescans into settled `Sighting`s for the main loop."""
+    """Turns the inbox's events and rescans into settled `Sighting`s for the main loop.
+
+    It never goes blind: `check_health` (run by the main loop on every pass) replaces a dead or
+    unstartable inotify observer with a polling one, and pauses while the inbox folder is gone.
+    """
 
     def __init__(self, inbox: Path, *, settle_seconds: float, rescan_seconds: float,
-                 ignore: Iterable[str] = (), wake: Callable[[], None] = lambda: None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 ignore: Iterable[str] = (), mode: str = "auto", wake: Callable[[], None] = lambda: None,
+                 clock: Callable[[], float] = time.monotonic,
+                 mountinfo: Callable[[], str] = read_mountinfo) -> None:
+        choose_observer(mode, None)  # refuse an unknown mode now, not at the first start
         self.inbox = Path(inbox)
+        self.mode = mode
         self.rescan_seconds = rescan_seconds
         self.ignore = tuple(ignore)
         self._clock = clock
         self._wake = wake
+        self._mountinfo = mountinfo
+        self._polling_interval = polling_interval(settle_seconds)
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._tracker = SettleTracker(settle_seconds, open_write_limit=max(60.0, 5 * settle_seconds))
-        self._observer: Observer | None = None
+        self._observer: BaseObserver | None = None
+        self._observer_kind: str | None = None
+        self._events_failed = False
+        """inotify could not start or died: poll until the inbox is connected afresh."""
+        self._last_start_error: str | None = None
+        self._identity: tuple[int, int] | None = None
+        """(device, inode) of the folder being watched: another one at the same path is noticed."""
+        self._mount: Mount | None = None
+        self._fstype: str | None = None
+        self._unavailable_reason: str | None = None
+        self._next_health_check = 0.0
         self._next_rescan = 0.0
         self._lock = threading.Lock()
         self._warned: set[str] = set()
 
+    @property
+    def available(self) -> bool:
+        """False while the inbox folder is missing or unreadable: nothing is taken, nothing dropped."""
+        return self._unavailable_reason is None
+
+    @property
+    def unavailable_reason(self) -> str | None:
+        return self._unavailable_reason
+
+    @property
+    def observer(self) -> BaseObserver | None:
+        """The running watchdog observer (None while the inbox is unavailable or none could start)."""
+        return self._observer
+
+    @property
+    def observer_kind(self) -> str | None:
+        """'events' or 'polling', the kind of `observer`."""
+        return self._observer_kind
+
     # ------------------------------------------------------------------ life cycle
 
     def start(self) -> None:
-        """Start the observer; the first `take_settled` call also rescans what is already there."""
-        observer = Observer()
-        observer.schedule(_EventHandler(self._events, self._wake), str(self.inbox), recursive=True)
-        observer.daemon = True
-        observer.start()
-        self._observer = observer
-        log.info("watch.started", inbox=str(self.inbox), observer=type(observer).__name__)
+        """Start watching; the first `take_settled` call also rescans what is already there.
+
+        An inbox missing at this moment is reported, and `check_health` starts watching once it is back.
+        """
+        identity, problem = self._probe()
+        if problem is not None:
+            self._lose_inbox(problem)
+        else:
+            self._connect(identity)
 
     def stop(self) -> None:
-        if self._observer is not None:
-            self._observer.stop()
-            self._observer.join(timeout=5)
-            self._observer = None
+        observer, self._observer, self._observer_kind = self._observer, None, None
+        if observer is not None:
+            stop_quietly(observer)
+
+    def check_health(self) -> None:
+        """Keep watching whatever happened: a dead observer, a vanished or replaced inbox folder.
+
+        Cheap enough for every pass of the main loop: it looks at most every HEALTH_CHECK_SECONDS
+        (one stat, a few thread flags; the mount table only when the folder changed identity).
+        """
+        now = self._clock()
+        if now < self._next_health_check:
+            return
+        self._next_health_check = now + HEALTH_CHECK_SECONDS
+        identity, problem = self._probe()
+        if problem is not None:
+            if self.available:
+                self._lose_inbox(problem)
+            else:
+                self._unavailable_reason = problem  # e.g. first missing, then the mount known gone
+            return
+        if not self.available:
+            log.info("watch.inbox_back", inbox=str(self.inbox), was=self._unavailable_reason, replaced=False)
+            self._connect(identity)
+            return
+        if identity != self._identity:  # never missed, yet the path now leads to another folder
+            log.warning("watch.inbox_back", inbox=str(self.inbox), was=None, replaced=True)
+            self.stop()
+            self._connect(identity)
+            return
+        if self._observer is None:  # none could start last time: try again, and catch up on what it missed
+            self._start_observer()
+            if self._observer is not None:
+                self.request_rescan()
+            return
+        dead = dead_thread(self._observer)
+        if dead is not None:
+            log.error("watch.observer_died", inbox=str(self.inbox), observer=self._observer_kind, thread=dead,
+                      fallback="polling", detail="rescanning the inbox so nothing dropped meanwhile is missed")
+            self._events_failed = True
+            self.stop()
+            self._start_observer()
+            self.request_rescan()
+
+    def _probe(self) -> tuple[tuple[int, int] | None, str | None]:
+        """`probe_inbox`, and when the folder changed identity: is the mount it was on gone?"""
+        identity, problem = probe_inbox(self.inbox)
+        if problem is None and identity != self._identity and self._mount is not None:
+            current = mount_of(os.path.realpath(self.inbox), self._mountinfo())
+            if mount_gone(self._mount, current):
+                problem = (f"the {self._mount.fstype} file system mounted at {self._mount.mount_point} "
+                           "is no longer mounted")
+        return identity, problem
+
+    def _connect(self, identity: tuple[int, int] | None) -> None:
+        """Watch the inbox folder now at the path: choose the observer afresh, and rescan it."""
+        self._mount = mount_of(os.path.realpath(self.inbox), self._mountinfo())
+        self._fstype = self._mount.fstype if self._mount else None
+        self._identity = identity
+        self._unavailable_reason = None
+        self._events_failed = False
+        self._start_observer()
+        self.request_rescan()
+
+    def _lose_inbox(self, reason: str) -> None:
+        """The inbox is gone: say so once, stop the observer, keep every tracked file and job."""
+        log.error("watch.inbox_unavailable", inbox=str(self.inbox), reason=reason, tracked_files=len(self._tracker),
+                  detail="no file is taken and no job dropped until it is back; checked every second")
+        self._unavailable_reason = reason
+        self.stop()
+
+    def _start_observer(self) -> None:
+        """Start the observer the mode asks for; if inotify cannot start, poll instead."""
+        wanted = "polling" if self._events_failed else choose_observer(self.mode, self._fstype)
+        for kind in (wanted,) if wanted == "polling" else ("events", "polling"):
+            handler = QueueingHandler(self._events, self._wake, reports_close=kind == "events")
+            try:
+                self._observer = start_observer(kind, self.inbox, handler, self._polling_interval)
+            except Exception as exc:  # noqa: BLE001 - OSError above all (ENOSPC, EMFILE); rescans go on
+                self._observer_failed(kind, exc)
+                continue
+            self._observer_kind, self._last_start_error = kind, None
+            log.info("watch.started", inbox=str(self.inbox), mode=self.mode, fstype=self._fstype, observer=kind,
+                     **({"interval": self._polling_interval} if kind == "polling" else {}))
+            return
+
+    def _observer_failed(self, kind: str, exc: Exception) -> None:
+        """Log why an observer could not start, once per distinct error (it is retried every second)."""
+        if kind == "events":
+            self._events_failed = True
+        error = f"{exc.strerror or exc}" if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
+        if error != self._last_start_error:
+            self._last_start_error = error
+            log.error("watch.observer_failed", inbox=str(self.inbox), observer=kind, error=error,
+                      fallback="polling" if kind == "events" else "rescans only; retried every second",
+                      fix=START_FAILURE_FIXES.get(getattr(exc, "errno", None)))
 
     # ------------------------------------------------------------------ the main loop's step
 
@@ -202,8 +321,11 @@ class InboxWatcher:
 
         `busy_paths` are files that already have an unfinished job. They stay tracked but are not
         handed back until their job has ended, so a file changed after it was taken (and left in the
-        inbox) comes back as new work.
+        inbox) comes back as new work. While the inbox is unavailable nothing is looked at (and
+        nothing forgotten); the rescan when it is back catches up.
         """
+        if not self.available:
+            return []
         now = self._clock()
         touched: set[str] = set()
         with self._lock:
@@ -219,7 +341,9 @@ class InboxWatcher:
         return ready
 
     def next_deadline(self) -> float:
-        """When `take_settled` next has something to do, on the watcher's clock."""
+        """When `take_settled` (or, while the inbox is away, `check_health`) next has something to do."""
+        if not self.available:
+            return self._next_health_check
         now = self._clock()
         settle = self._tracker.next_deadline(now)
         return min(self._next_rescan, settle) if settle is not None else self._next_rescan
@@ -261,11 +385,12 @@ class InboxWatcher:
                 self._tracker.write_closed(rel_path, now)
 
     def _scan(self, top: Path) -> set[str]:
-        """Every candidate file below `top`; symlinked folders are not followed."""
+        """Every candidate file below `top`; a symlinked folder is a candidate itself, never walked."""
         found: set[str] = set()
         for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            for name in filenames:
+            linked_folders = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+            for name in filenames + linked_folders:
                 rel_path = self._relative(os.path.join(dirpath, name))
                 if rel_path is not None and not is_ignored(rel_path, self.ignore):
                     found.add(rel_path)
@@ -280,11 +405,11 @@ class InboxWatcher:
         except OSError as exc:
             self._warn_once(rel_path, "file.unreadable", error=exc.strerror)
             return
-        if not stat.S_ISREG(st.st_mode):
-            if stat.S_ISLNK(st.st_mode):
-                self._warn_once(rel_path, "file.symlink_skipped")
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
             self._tracker.forget(rel_path)
             return
+        # A symbolic link settles on its own lstat and is handed up like a file: preflight refuses
+        # it, so it ends explained in failed/ instead of sitting in the inbox. It is never followed.
         self._tracker.observe(rel_path, st.st_size, st.st_mtime_ns, now)
 
     def _warn_once(self, rel_path: str, event: str, **fields: object) -> None:

@@ -156,16 +156,20 @@ def write_config(path: Path, mapping: dict[str, Any]) -> Path:
 class DaemonProcess:
     """`codeformer-daemon run` as a child process, its stderr (JSON log lines) kept in a file."""
 
-    def __init__(self, config_path: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config_path: Path, log_path: Path, env: dict[str, str] | None = None,
+                 preexec_fn: Callable[[], None] | None = None) -> None:
         self.config_path = config_path
         self.log_path = log_path
         self.env = {**os.environ, "CODEFORMER_API_KEY": API_KEY, **(env or {})}
+        self.preexec_fn = preexec_fn
+        """Runs in the child just before the daemon starts, e.g. to give up privileges."""
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "DaemonProcess":
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "run", "--config", str(self.config_path)],
-                                     stdout=log, stderr=log, env=self.env, stdin=subprocess.DEVNULL)
+                                     stdout=log, stderr=log, env=self.env, stdin=subprocess.DEVNULL,
+                                     preexec_fn=self.preexec_fn)
         log.close()
         return self
 
@@ -195,8 +199,9 @@ class DaemonProcess:
 def daemon_process(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
     started: list[DaemonProcess] = []
 
-    def start(config_path: Path, env: dict[str, str] | None = None) -> DaemonProcess:
-        proc = DaemonProcess(config_path, tmp_path / "daemon.log", env).start()
+    def start(config_path: Path, env: dict[str, str] | None = None,
+              preexec_fn: Callable[[], None] | None = None) -> DaemonProcess:
+        proc = DaemonProcess(config_path, tmp_path / "daemon.log", env, preexec_fn).start()
         started.append(proc)
         return proc
 

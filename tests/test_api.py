@@ -62,7 +62,7 @@ def status_doc(status, **extra):
     (200, status_doc("COMPLETED", output={"media_url": ["https://cdn.example/o.png"], "media_type": "image/png"}),
      PollVerdict.COMPLETED),
     (200, status_doc("COMPLETED", output={"media_url": []}), PollVerdict.RETRY),
-    (200, status_doc("COMPLETED", output={"media_url": ["file:///etc/passwd"]}), PollVerdict.RETRY),
+    (200, status_doc("COMPLETED", output={"media_url": ["file:///etc/passwd"]}), PollVerdict.COMPLETED),  # refused by download()
     (200, status_doc("FAILED", error="no face found"), PollVerdict.FAILED),
     (200, status_doc("ERROR", error="gpu fell over"), PollVerdict.ERROR),
     (200, status_doc("EXPLODED"), PollVerdict.RETRY),

@@ -69,12 +69,18 @@ def test_bad_configuration_exits_non_zero_naming_the_key(tmp_path, folders, emul
         assert not folders[name].exists(), f"{name} was created by a refused start"
 
 
-def test_folder_inside_the_inbox_is_refused(tmp_path, folders, emulator):
-    mapping = config_mapping(folders, emulator)
-    mapping["folders"]["outbox"] = str(folders["inbox"] / "restored")
+@pytest.mark.parametrize("where", ["inside", "equal"])
+@pytest.mark.parametrize("key", ["folders.outbox", "folders.archive", "folders.failed", "state_dir"])
+def test_folder_inside_the_inbox_is_refused(tmp_path, folders, emulator, key, where):
+    """The watcher would take the daemon's own outputs, archives or state as new scans."""
+    inbox = folders["inbox"]
+    scan = inbox / "scan.jpg"
+    scan.write_bytes(b"\xff\xd8 not touched")
+    mapping = _set(config_mapping(folders, emulator), key, str(inbox / "restored" if where == "inside" else inbox))
     result = run_cli(write_config(tmp_path / "config.yaml", mapping))
     assert result.returncode == 2
-    assert "folders.outbox" in result.stderr and "inside folders.inbox" in result.stderr
+    assert key in result.stderr and "inside folders.inbox" in result.stderr
+    assert sorted(p.name for p in inbox.iterdir()) == ["scan.jpg"] and scan.read_bytes() == b"\xff\xd8 not touched"
 
 
 def test_missing_key_names_every_place_a_key_can_come_from(tmp_path, folders, emulator):

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import requests
 
 from daemon.hosting import BuiltinHost, new_key
-from daemon.hosting.base import KEY_BYTES
+from daemon.hosting.base import KEY_BYTES, HostingError
 
 
 def test_serves_a_published_file_and_nothing_else(tmp_path):
@@ -74,5 +75,32 @@ def test_webhook_callbacks_only_answer_their_own_token(tmp_path):
         host.close_callback(token)
         assert requests.post(url, json={}, timeout=5).status_code == 404
         assert calls == [token]
+    finally:
+        host.stop()
+
+
+def test_a_published_file_swapped_for_a_link_is_not_served(tmp_path):
+    private = tmp_path / "private.jpg"
+    private.write_bytes(b"\xff\xd8 not for the provider")
+    scan = tmp_path / "scan.jpg"
+    scan.write_bytes(b"\xff\xd8scan bytes")
+    host = BuiltinHost("127.0.0.1:0")
+    host.start()
+    try:
+        key = new_key(".jpg")
+        url = host.publish(key, scan, "image/jpeg")
+        assert requests.get(url, timeout=5).content == b"\xff\xd8scan bytes"
+        scan.unlink()
+        scan.symlink_to(private)  # swapped after it was published
+        assert requests.get(url, timeout=5).status_code == 404
+        assert requests.head(url, timeout=5).status_code == 404
+        scan.unlink()
+        scan.mkdir()  # nor is anything else that is not a regular file
+        assert requests.get(url, timeout=5).status_code == 404
+        link = tmp_path / "link.jpg"
+        link.symlink_to(private)
+        with pytest.raises(HostingError):
+            host.publish(new_key(".jpg"), link, "image/jpeg")  # a link is never published at all
+        assert host.published_count() == 1
     finally:
         host.stop()

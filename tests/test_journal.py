@@ -6,7 +6,7 @@ import sqlite3
 
 import pytest
 
-from daemon.journal import TRANSITIONS, Journal, JobState, JournalError, StaleTransition
+from daemon.journal import SCHEMA_VERSION, TRANSITIONS, Journal, JobState, JournalError, StaleTransition
 
 PARAMS = {"codeformer_fidelity": 0.5, "background_enhance": True, "face_upsample": True, "upscale": 2}
 
@@ -109,10 +109,12 @@ def test_a_version_1_journal_is_migrated_in_place_keeping_its_jobs(tmp_path):
     db.executescript(V1_SCHEMA)
     db.close()
     journal = Journal(path)
-    assert journal.get_meta("schema_version") == "2"
+    assert journal.get_meta("schema_version") == str(SCHEMA_VERSION) == "3"
     [job] = journal.jobs_in(JobState.SUBMITTED)
     assert job.request_id == "req-from-v1" and job.duplicate_of is None
-    journal.update(job, duplicate_of=None, sha256="abc")  # the new column and index are usable
+    journal.update(job, duplicate_of=None, sha256="abc")  # v2: the new column and index are usable
+    journal.request_retry([job.id])  # v3: the retry requests table
+    assert journal.retry_requests() == [job.id]
     journal.close()
 
 

@@ -1,18 +1,22 @@
 """The built-in host: a small HTTP server that serves each published file at an unguessable path.
 
 Only files registered by `publish` are reachable, only until `unpublish`; there is no listing and no
-path is ever mapped onto the file system. Files are streamed in chunks, never read whole.
+path is ever mapped onto the file system. Files are streamed in chunks, never read whole, and opened
+without following links: a published path swapped for a symbolic link is not served.
 """
 
 from __future__ import annotations
 
 import http.server
+import os
 import re
 import shutil
 import socket
+import stat
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import structlog
 
@@ -69,9 +73,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._not_found()
             return
         path, content_type = entry
-        try:
-            f = open(path, "rb")
-        except OSError:
+        f = _open_regular_file(path)
+        if f is None:
             self._not_found()
             return
         with f:
@@ -101,6 +104,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: object) -> None:
         """Silenced: the default writes the request path, which is the capability, to stderr."""
+
+
+def _open_regular_file(path: Path) -> BinaryIO | None:
+    """The published file itself, or None if it is gone or is now a link, folder or device."""
+    try:
+        # O_NONBLOCK: a FIFO swapped in cannot hang the server; it changes nothing for regular files.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return os.fdopen(fd, "rb")
 
 
 class BuiltinHost(HostingAdapter):
@@ -143,8 +159,8 @@ class BuiltinHost(HostingAdapter):
         log.info("hosting.started", adapter=self.name, listen=self.listen, public_url=self.public_url)
 
     def publish(self, key: str, path: Path, content_type: str) -> str:
-        if not Path(path).is_file():
-            raise HostingError(f"cannot publish {path}: not a readable file")
+        if Path(path).is_symlink() or not Path(path).is_file():
+            raise HostingError(f"cannot publish {path}: not a regular file (links are never published)")
         with self._lock:
             self._files[key] = (Path(path), content_type)
         return f"{self.public_url}/{key}"
