@@ -94,6 +94,22 @@ def test_a_revoked_key_stops_submits_keeps_every_file_and_resumes_when_the_key_w
     assert emulator.stats()["submits_accepted"] == 3 and not visible_files(folders["failed"])
 
 
+def test_a_key_revoked_while_jobs_are_at_the_provider_does_not_time_them_out(
+        folders, emulator, make_config, run_daemon):
+    emulator.latency = 1.0
+    config = make_config(api={"job_timeout": 2, "poll_interval": 0.2})
+    run_daemon(config)
+    drop(folders["inbox"], "scan.jpg")
+    wait_for(lambda: emulator.stats()["submits_accepted"] == 1, 10, what="the submit")
+    emulator.revoked_keys = {API_KEY}
+    wait_for(lambda: "paused: key rejected" in status_text(config), 10, what="a pause from the polls")
+    time.sleep(3.0)  # past api.job_timeout: the daemon could not ask, so it must not give up
+    assert not visible_files(folders["failed"])
+    emulator.revoked_keys = set()
+    wait_for(lambda: outputs(folders) == ["scan.png"], 20, what="the result once polls work again")
+    assert emulator.stats()["submits_accepted"] == 1 and not visible_files(folders["failed"])
+
+
 def test_a_new_key_is_taken_on_sighup(tmp_path, folders, emulator, daemon_process):
     key_file = tmp_path / "api_key"
     key_file.write_text("an-old-key-0000\n")
