@@ -324,14 +324,17 @@ class ApiClient:
             return PollAnswer(PollVerdict.RETRY, message=f"{type(exc).__name__}: {exc}")
         return decide_poll(response.status_code, response.text, dict(response.headers), self._clock())
 
-    def probe_key(self) -> int | None:
-        """Status of a status request for an id that cannot exist: 404 means the key was accepted."""
+    def probe_key(self) -> tuple[int | None, str]:
+        """Ask for the status of an id that cannot exist: 404 means the key was accepted.
+
+        Costs nothing. Returns the HTTP status (None if no answer came) and a short error text.
+        """
         try:
-            return self.session.get(f"{self.config.status_url.rstrip('/')}/codeformer-daemon-key-check",
-                                    headers=self._api_headers(), timeout=self.timeout,
-                                    allow_redirects=False).status_code
-        except requests.RequestException:
-            return None
+            response = self.session.get(f"{self.config.status_url.rstrip('/')}/codeformer-daemon-key-check",
+                                        headers=self._api_headers(), timeout=self.timeout, allow_redirects=False)
+        except requests.RequestException as exc:
+            return None, f"{type(exc).__name__}: {excerpt(str(exc), 160)}"
+        return response.status_code, error_message(response.text)
 
     def download(self, media_url: str, dest: BinaryIO, max_bytes: int) -> int:
         """Stream the result into `dest`; returns the byte count. No key is sent: it is a CDN URL."""

@@ -1,4 +1,4 @@
-"""The command line: run, status, retry, emulator, demo. Configures logging once, turns errors into exit codes."""
+"""The command line: run, status, check, retry, emulator, demo. Configures logging once, turns errors into exit codes."""
 
 from __future__ import annotations
 
@@ -180,6 +180,19 @@ def _report_retries(journal, jobs) -> int:
     return code
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    """One line per check, ok or the reason; non-zero if any failed. Nothing is submitted."""
+    from .check import run_checks
+
+    daemon_logging.configure("console", "warning")  # the lines below are the report; only trouble is logged
+    results, config_unusable = run_checks(args.config)
+    for result in results:
+        print(result.line())
+    if config_unusable:
+        return EXIT_CONFIG
+    return EXIT_OK if all(result.ok for result in results) else EXIT_FAILURE
+
+
 def cmd_emulator(args: argparse.Namespace) -> int:
     from . import emulator
 
@@ -213,6 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--config", required=True)
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(handler=cmd_status)
+
+    check = commands.add_parser("check", help="prove the configuration, the key and the hosting round trip "
+                                               "without spending anything (stop the daemon first if it "
+                                               "uses the built-in host)")
+    check.add_argument("--config", required=True)
+    check.set_defaults(handler=cmd_check)
 
     again = commands.add_parser("retry", help="send files from failed/ through the pipeline again "
                                                "(once the cause is fixed); works while the daemon runs")

@@ -109,6 +109,11 @@ class BuiltinHostConfig:
     listen: str = "0.0.0.0:8089"
     public_url: str | None = None
     webhook: bool = True
+    tls_cert: Path | None = None
+    """PEM certificate chain: serve HTTPS, for a station the provider reaches directly."""
+    tls_key: Path | None = None
+    max_misses_per_minute: int = field(default=30, metadata=_range(1, 100_000))
+    """Requests for unknown paths one client may make per minute before it is refused for a while."""
 
 
 @dataclass(frozen=True)
@@ -261,6 +266,12 @@ def validate(config: Config) -> None:
     if config.hosting.builtin.public_url is not None:
         _check_url(config.hosting.builtin.public_url, "hosting.builtin.public_url")
     parse_listen(config.hosting.builtin.listen)
+    builtin = config.hosting.builtin
+    if (builtin.tls_cert is None) != (builtin.tls_key is None):
+        raise ConfigError("hosting.builtin.tls_cert: tls_cert and tls_key go together (both or neither)")
+    for key, path in (("hosting.builtin.tls_cert", builtin.tls_cert), ("hosting.builtin.tls_key", builtin.tls_key)):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{key}: {path} does not exist or is not a file")
 
     inbox = config.folders.inbox
     if not inbox.is_dir():

@@ -39,6 +39,17 @@ def journal_path(config: Config) -> Path:
     return config.state_dir / JOURNAL_NAME
 
 
+def prepare_folders(config: Config) -> None:
+    """Create the folders the daemon writes to and prove it may write there; StartupError says which not."""
+    try:
+        for folder in (config.state_dir, config.folders.outbox, config.folders.archive, config.folders.failed):
+            folder.mkdir(parents=True, exist_ok=True)
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise StartupError(f"{folder} is not writable by this user")
+    except OSError as exc:
+        raise StartupError(f"cannot create {exc.filename}: {exc.strerror}") from None
+
+
 def try_instance_lock(state_dir: Path) -> int | None:
     """Take the one-daemon-per-state_dir lock: its file descriptor, or None if a daemon holds it.
 
@@ -70,13 +81,7 @@ class Service:
 
     def start(self) -> None:
         config = self.config
-        try:
-            for folder in (config.state_dir, config.folders.outbox, config.folders.archive, config.folders.failed):
-                folder.mkdir(parents=True, exist_ok=True)
-                if not os.access(folder, os.W_OK | os.X_OK):
-                    raise StartupError(f"{folder} is not writable by this user")
-        except OSError as exc:
-            raise StartupError(f"cannot create {exc.filename}: {exc.strerror}") from None
+        prepare_folders(config)
         self._take_lock()
         try:
             self.journal = Journal(journal_path(config))

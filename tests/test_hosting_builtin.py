@@ -7,6 +7,7 @@ import requests
 
 from daemon.hosting import BuiltinHost, new_key
 from daemon.hosting.base import KEY_BYTES, HostingError
+from daemon.hosting.builtin import MissLimiter, parse_range
 
 
 def test_serves_a_published_file_and_nothing_else(tmp_path):
@@ -27,7 +28,9 @@ def test_serves_a_published_file_and_nothing_else(tmp_path):
         for path in ("/", "/scan.jpg", "/other.jpg", f"/{key[:-4]}", "/../other.jpg", f"/{key}/../other.jpg"):
             assert requests.get(host.public_url + path, timeout=5).status_code == 404, path
         assert requests.post(url, timeout=5).status_code == 404  # POST is only for webhook tokens
-        assert requests.put(url, data=b"x", timeout=5).status_code == 501
+        for method in ("PUT", "DELETE", "OPTIONS", "PROPFIND"):
+            refused = requests.request(method, url, data=b"x", timeout=5)
+            assert refused.status_code == 405 and refused.headers["Allow"] == "GET, HEAD", method
         host.unpublish(key)
         assert requests.get(url, timeout=5).status_code == 404
     finally:
@@ -104,3 +107,130 @@ def test_a_published_file_swapped_for_a_link_is_not_served(tmp_path):
         assert host.published_count() == 1
     finally:
         host.stop()
+
+
+@pytest.mark.parametrize("header, expected", [
+    (None, None),
+    ("bytes=0-99", (0, 99)),
+    ("bytes=100-", (100, 999)),
+    ("bytes=-100", (900, 999)),
+    ("bytes=-5000", (0, 999)),
+    ("bytes=990-5000", (990, 999)),
+    ("bytes=1000-", "unsatisfiable"),
+    ("bytes=-0", "unsatisfiable"),
+    ("bytes=50-10", None),  # invalid: ignored, the whole file
+    ("bytes=0-1,5-9", None),  # several ranges: the whole file
+    ("items=0-5", None),
+    ("bytes=-", None),
+])
+def test_parse_range(header, expected):
+    assert parse_range(header, 1000) == expected
+
+
+def test_range_requests_resume_a_fetch(tmp_path):
+    scan = tmp_path / "scan.jpg"
+    data = bytes(range(256)) * 40
+    scan.write_bytes(data)
+    host = BuiltinHost("127.0.0.1:0")
+    host.start()
+    try:
+        url = host.publish(new_key(".jpg"), scan, "image/jpeg")
+        part = requests.get(url, headers={"Range": "bytes=1000-1999"}, timeout=5)
+        assert part.status_code == 206 and part.content == data[1000:2000]
+        assert part.headers["Content-Range"] == f"bytes 1000-1999/{len(data)}"
+        tail = requests.get(url, headers={"Range": "bytes=-10"}, timeout=5)
+        assert tail.status_code == 206 and tail.content == data[-10:]
+        beyond = requests.get(url, headers={"Range": f"bytes={len(data)}-"}, timeout=5)
+        assert beyond.status_code == 416 and beyond.headers["Content-Range"] == f"bytes */{len(data)}"
+        whole = requests.get(url, timeout=5)
+        assert whole.status_code == 200 and whole.headers["Accept-Ranges"] == "bytes" and whole.content == data
+    finally:
+        host.stop()
+
+
+def test_miss_limiter_counts_per_client_and_window():
+    limiter = MissLimiter(limit=3, window=60)
+    assert [limiter.miss("a", t) for t in (0, 1, 2)] == [False, False, True]
+    assert limiter.refused("a", 30) and not limiter.refused("b", 30)
+    assert not limiter.miss("a", 31)  # further misses are not announced again
+    assert not limiter.refused("a", 60.5)  # a new window
+    assert not limiter.miss("a", 61) and not limiter.refused("a", 61)
+
+
+def test_a_client_guessing_paths_is_refused_and_logged_once(tmp_path, captured_logs):
+    import http.client
+
+    scan = tmp_path / "scan.jpg"
+    scan.write_bytes(b"scan")
+    host = BuiltinHost("127.0.0.1:0", max_misses_per_minute=5)
+    host.start()
+    try:
+        url = host.publish(new_key(".jpg"), scan, "image/jpeg")
+        statuses = [requests.get(f"{host.public_url}/{new_key('.jpg')}", timeout=5).status_code for _ in range(8)]
+        assert statuses == [404] * 5 + [429] * 3
+        assert requests.get(url, timeout=5).status_code == 429  # refused as a whole until the window ends
+        port = int(host.public_url.rsplit(":", 1)[1])
+        other = http.client.HTTPConnection("127.0.0.1", port, timeout=5, source_address=("127.0.0.2", 0))
+        other.request("GET", "/" + url.rsplit("/", 1)[1])
+        assert other.getresponse().status == 200  # another client is not affected
+        other.close()
+        limited = [e for e in captured_logs if e["event"] == "hosting.rate_limited"]
+        assert len(limited) == 1 and limited[0]["client"] == "127.0.0.1"
+    finally:
+        host.stop()
+
+
+def _self_signed(tmp_path):
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_tls_serves_https_only(tmp_path):
+    import socket
+
+    cert, key = _self_signed(tmp_path)
+    scan = tmp_path / "scan.jpg"
+    scan.write_bytes(b"scan bytes")
+    host = BuiltinHost("127.0.0.1:0", tls_cert=cert, tls_key=key)
+    host.start()
+    try:
+        url = host.publish(new_key(".jpg"), scan, "image/jpeg")
+        assert url.startswith("https://127.0.0.1:")
+        assert requests.get(url, verify=str(cert), timeout=5).content == b"scan bytes"
+        with pytest.raises(requests.exceptions.SSLError):
+            requests.get(url, timeout=5)  # not trusted without the certificate: really TLS
+        port = int(host.public_url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as stalled:  # never handshakes
+            assert requests.get(url, verify=str(cert), timeout=5).status_code == 200  # others still served
+        with pytest.raises(requests.exceptions.ConnectionError):
+            requests.get(url.replace("https://", "http://"), timeout=5)  # plain HTTP is not spoken
+    finally:
+        host.stop()
+
+
+def test_a_bad_certificate_is_a_clear_start_up_error(tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_text("not a certificate")
+    key.write_text("not a key")
+    host = BuiltinHost("127.0.0.1:0", tls_cert=cert, tls_key=key)
+    with pytest.raises(HostingError, match="hosting.builtin.tls_cert: cannot load"):
+        host.start()

@@ -9,7 +9,7 @@ from .base import HostingAdapter, HostingError, key_for_logs, new_key
 from .builtin import BuiltinHost
 
 ADAPTERS: dict[str, Callable[[Config], HostingAdapter]] = {
-    "builtin": lambda config: BuiltinHost(config.hosting.builtin.listen, config.hosting.builtin.public_url),
+    "builtin": lambda config: BuiltinHost.from_config(config.hosting.builtin),
 }
 
 

@@ -3,6 +3,10 @@
 Only files registered by `publish` are reachable, only until `unpublish`; there is no listing and no
 path is ever mapped onto the file system. Files are streamed in chunks, never read whole, and opened
 without following links: a published path swapped for a symbolic link is not served.
+
+Hardened for a station that exposes it directly: optional TLS, only GET and HEAD for files (POST
+only for webhook tokens), single byte ranges (a fetcher may resume), and a client that keeps asking
+for unknown paths (someone guessing) is refused for a while and logged once.
 """
 
 from __future__ import annotations
@@ -12,15 +16,17 @@ import os
 import re
 import shutil
 import socket
+import ssl
 import stat
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
 import structlog
 
-from ..config import parse_listen
+from ..config import BuiltinHostConfig, parse_listen
 from .base import HostingAdapter, HostingError, key_for_logs
 
 log = structlog.get_logger("daemon.hosting.builtin")
@@ -29,6 +35,62 @@ _KEY_PATH = re.compile(r"^/([A-Za-z0-9_-]{20,}\.[A-Za-z0-9]{1,5})$")
 _HOOK_PATH = re.compile(r"^/hook/([A-Za-z0-9_-]{20,})$")
 MAX_HOOK_BODY = 64 * 1024
 CHUNK = 256 * 1024
+MISS_WINDOW = 60.0
+"""Seconds over which a client's requests for unknown paths are counted."""
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | str | None:
+    """The inclusive byte range one `Range` header asks for, 'unsatisfiable', or None for the whole file.
+
+    Only a single `bytes=` range is honoured (`a-b`, `a-`, `-n`); anything else (several ranges,
+    other units, nonsense) is ignored and the whole file is served, as RFC 9110 allows.
+    """
+    if not header:
+        return None
+    match = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header)
+    if match is None or match.group(1) == match.group(2) == "":
+        return None
+    first, last = match.group(1), match.group(2)
+    if first == "":  # the last n bytes
+        length = int(last)
+        if length == 0:
+            return "unsatisfiable"
+        return max(0, size - length), size - 1
+    start = int(first)
+    end = min(int(last), size - 1) if last else size - 1
+    if last and int(last) < start:
+        return None  # an invalid range is ignored, not refused
+    if start >= size:
+        return "unsatisfiable"
+    return start, end
+
+
+class MissLimiter:
+    """Counts each client's requests for unknown paths; past the limit it is refused until the window ends.
+
+    Pure bookkeeping over an injected clock. The provider never asks for an unknown path except
+    just after a job ended, so a real fetcher stays far below any sensible limit.
+    """
+
+    def __init__(self, limit: int, window: float = MISS_WINDOW) -> None:
+        self.limit = limit
+        self.window = window
+        self._clients: dict[str, tuple[float, int]] = {}
+
+    def refused(self, client: str, now: float) -> bool:
+        """True while `client` is over the limit in its current window."""
+        started, misses = self._clients.get(client, (now, 0))
+        return now - started < self.window and misses >= self.limit
+
+    def miss(self, client: str, now: float) -> bool:
+        """Record one miss; True exactly when this miss takes the client over the limit (log it once)."""
+        started, misses = self._clients.get(client, (now, 0))
+        if now - started >= self.window:
+            started, misses = now, 0
+        self._clients[client] = (started, misses + 1)
+        if len(self._clients) > 10_000:  # forget finished windows so a scan of many addresses cannot grow this
+            self._clients = {c: v for c, v in self._clients.items() if now - v[0] < self.window}
+        return misses + 1 == self.limit
 
 
 class _Server(http.server.ThreadingHTTPServer):
@@ -45,16 +107,29 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     server_version = "codeformer-daemon"
     disable_nagle_algorithm = True  # headers and body go out in separate writes: no 40 ms stall
     sys_version = ""
+    timeout = 30  # a client that stalls (or never finishes a TLS handshake) only holds its own thread
     host: "BuiltinHost"
 
     def do_GET(self) -> None:
-        self._serve(with_body=True)
+        if not self._refused():
+            self._serve(with_body=True)
 
     def do_HEAD(self) -> None:
-        self._serve(with_body=False)
+        if not self._refused():
+            self._serve(with_body=False)
+
+    def _method_not_allowed(self) -> None:
+        self.send_response(405)
+        self.send_header("Allow", "GET, HEAD")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_PROPFIND = do_MKCOL = do_TRACE = _method_not_allowed
 
     def do_POST(self) -> None:
         """The provider's completion webhook: only known tokens, body read and ignored."""
+        if self._refused():
+            return
         match = _HOOK_PATH.match(self.path)
         on_call = self.host._callbacks.get(match.group(1)) if match else None
         length = self.headers.get("Content-Length", "0")
@@ -79,21 +154,50 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         with f:
             size = f.seek(0, 2)
-            f.seek(0)
-            self.send_response(200)
+            wanted = parse_range(self.headers.get("Range"), size)
+            if wanted == "unsatisfiable":
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{size}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            start, end = wanted if wanted is not None else (0, size - 1)
+            length = max(0, end - start + 1)
+            self.send_response(200 if wanted is None else 206)
             self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(size))
+            self.send_header("Content-Length", str(length))
+            if wanted is not None:
+                self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+            self.send_header("Accept-Ranges", "bytes")
             self.send_header("Cache-Control", "no-store")
             self.send_header("X-Content-Type-Options", "nosniff")
             self.end_headers()
             if with_body:
+                f.seek(start)
                 try:
-                    shutil.copyfileobj(f, self.wfile, CHUNK)
-                except (BrokenPipeError, ConnectionResetError):
+                    _copy_exactly(f, self.wfile, length)
+                except (BrokenPipeError, ConnectionResetError, ssl.SSLError, TimeoutError):
                     return
-        log.debug("hosting.served", key=key_for_logs(match.group(1)), bytes=size if with_body else 0)
+        log.debug("hosting.served", key=key_for_logs(match.group(1)), bytes=length if with_body else 0)
+
+    def _refused(self) -> bool:
+        """A client over its limit of unknown paths gets a bare 429 until its window ends."""
+        if not self.host._limiter.refused(self.client_address[0], time.monotonic()):
+            return False
+        self.send_response(429)
+        self.send_header("Retry-After", str(int(MISS_WINDOW)))
+        self.send_header("Content-Length", "0")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        return True
 
     def _not_found(self) -> None:
+        client = self.client_address[0]
+        if self.host._limiter.miss(client, time.monotonic()):
+            log.warning("hosting.rate_limited", client=client, misses=self.host._limiter.limit,
+                        window_seconds=int(MISS_WINDOW),
+                        detail="many requests for unknown paths (someone guessing?); refused until the window ends")
         body = b"not found\n"
         self.send_response(404)
         self.send_header("Content-Type", "text/plain")
@@ -104,6 +208,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: object) -> None:
         """Silenced: the default writes the request path, which is the capability, to stderr."""
+
+
+def _copy_exactly(source: BinaryIO, target: BinaryIO, length: int) -> None:
+    while length > 0:
+        chunk = source.read(min(CHUNK, length))
+        if not chunk:
+            return  # the file shrank under us: the client sees a short body and retries
+        target.write(chunk)
+        length -= len(chunk)
 
 
 def _open_regular_file(path: Path) -> BinaryIO | None:
@@ -124,14 +237,22 @@ class BuiltinHost(HostingAdapter):
 
     name = "builtin"
 
-    def __init__(self, listen: str, public_url: str | None = None) -> None:
+    def __init__(self, listen: str, public_url: str | None = None, *, tls_cert: Path | None = None,
+                 tls_key: Path | None = None, max_misses_per_minute: int = 30) -> None:
         self.listen = listen
         self._public_url = public_url.rstrip("/") if public_url else None
+        self._tls = (tls_cert, tls_key) if tls_cert and tls_key else None
+        self._limiter = MissLimiter(max_misses_per_minute)
         self._files: dict[str, tuple[Path, str]] = {}
         self._callbacks: dict[str, Callable[[], None]] = {}
         self._lock = threading.Lock()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+
+    @classmethod
+    def from_config(cls, config: BuiltinHostConfig) -> "BuiltinHost":
+        return cls(config.listen, config.public_url, tls_cert=config.tls_cert, tls_key=config.tls_key,
+                   max_misses_per_minute=config.max_misses_per_minute)
 
     @property
     def public_url(self) -> str:
@@ -141,7 +262,7 @@ class BuiltinHost(HostingAdapter):
             raise HostingError("the built-in host is not started")
         host, port = self._server.server_address[:2]
         host = f"[{host}]" if ":" in host else host
-        return f"http://{host}:{port}"
+        return f"{'https' if self._tls else 'http'}://{host}:{port}"
 
     def start(self) -> None:
         if self._server is not None:
@@ -153,10 +274,27 @@ class BuiltinHost(HostingAdapter):
             self._server = server_class((host, port), handler)
         except OSError as exc:
             raise HostingError(f"hosting.builtin.listen: cannot listen on {self.listen}: {exc.strerror}") from None
+        if self._tls:
+            self._server.socket = self._tls_context().wrap_socket(
+                self._server.socket, server_side=True,
+                do_handshake_on_connect=False)  # handshakes happen on each request's own thread
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
                                         name="builtin-host", daemon=True)
         self._thread.start()
         log.info("hosting.started", adapter=self.name, listen=self.listen, public_url=self.public_url)
+
+    def _tls_context(self) -> ssl.SSLContext:
+        cert, key = self._tls
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError) as exc:
+            self._server.server_close()
+            self._server = None
+            raise HostingError(f"hosting.builtin.tls_cert: cannot load {cert} with its key {key}: "
+                               f"{getattr(exc, 'strerror', None) or exc}") from None
+        return context
 
     def publish(self, key: str, path: Path, content_type: str) -> str:
         if Path(path).is_symlink() or not Path(path).is_file():

@@ -1,0 +1,140 @@
+"""`codeformer-daemon check`: is this station ready? Proven without spending anything.
+
+Checks the configuration, that the folders are writable, that the provider accepts the key (a
+status request for an id that cannot exist answers 404 to a good key and 401/403 to a bad one), and
+a publish -> fetch -> unpublish round trip of a small probe image through the configured hosting
+adapter. No job is ever submitted. Published URLs may be secrets (presigned): they are never printed.
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+from PIL import Image
+
+from .api import ApiClient
+from .config import Config, ConfigError, Secret, load_config, resolve_api_key
+from .hosting import HostingError, create_adapter, key_for_logs, new_key
+from .logging import register_secret
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    ok: bool
+    detail: str
+
+    def line(self) -> str:
+        return f"{'ok  ' if self.ok else 'FAIL'}  {self.name}: {self.detail}"
+
+
+def judge_key_probe(status: int | None, error: str, status_url: str, key_source: str) -> CheckResult:
+    """What the answer to a status request for a made-up id says about the key."""
+    if status is None:
+        return CheckResult("api key", False, f"cannot reach {status_url}: {error}")
+    if status == 404:
+        return CheckResult("api key", True, f"accepted by the provider (from {key_source})")
+    if status in (401, 403):
+        return CheckResult("api key", False, f"rejected by the provider (HTTP {status}: {error}); "
+                                             f"put a valid key in {key_source}")
+    return CheckResult("api key", False, f"unexpected answer from {status_url}: HTTP {status}: {error}")
+
+
+def probe_image() -> bytes:
+    """A small PNG that no scan can be mistaken for."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 120, 40)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def hosting_round_trip(config: Config, timeout: tuple[float, float]) -> list[CheckResult]:
+    """Publish a probe image, fetch its public URL as the provider would, unpublish, and fetch again."""
+    name = f"hosting ({config.hosting.adapter})"
+    host = create_adapter(config)
+    try:
+        host.start()
+    except HostingError as exc:
+        return [CheckResult(name, False, f"cannot start: {exc}")]
+    results = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="codeformer-check-") as folder:
+            data = probe_image()
+            probe = Path(folder) / "probe.png"
+            probe.write_bytes(data)
+            key = new_key(".png")
+            try:
+                url = host.publish(key, probe, "image/png")
+            except HostingError as exc:
+                return [CheckResult(name, False, f"publish failed: {exc}")]
+            try:
+                results.append(_fetch_check(name, url, data, key, timeout))
+            finally:
+                try:
+                    host.unpublish(key)
+                except HostingError as exc:
+                    results.append(CheckResult(name, False, f"unpublish failed: {exc}"))
+            results.append(_gone_check(name, url, timeout))
+    finally:
+        host.stop()
+    return results
+
+
+def _fetch_check(name: str, url: str, data: bytes, key: str, timeout: tuple[float, float]) -> CheckResult:
+    try:
+        response = requests.get(url, timeout=timeout)
+    except requests.RequestException as exc:
+        return CheckResult(name, False, f"the published probe could not be fetched from here "
+                                        f"({type(exc).__name__}); the provider must be able to fetch it")
+    if response.status_code != 200 or response.content != data:
+        return CheckResult(name, False, f"the published probe answered HTTP {response.status_code} "
+                                        f"{'with other bytes' if response.status_code == 200 else ''}".strip())
+    return CheckResult(name, True, f"published, fetched and matched (key {key_for_logs(key)})")
+
+
+def _gone_check(name: str, url: str, timeout: tuple[float, float]) -> CheckResult:
+    try:
+        status = requests.get(url, timeout=timeout).status_code
+    except requests.RequestException:
+        status = None  # nothing answers there any more: gone too
+    if status == 200:
+        return CheckResult(name, False, "the probe is still fetchable after unpublish")
+    return CheckResult(name, True, "unpublished: no longer fetchable")
+
+
+def run_checks(config_path: str | Path) -> tuple[list[CheckResult], bool]:
+    """Every check in order; the flag says whether the configuration itself was unusable."""
+    from .service import StartupError, prepare_folders
+
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        return [CheckResult("config", False, str(exc))], True
+    results = [CheckResult("config", True, str(config_path))]
+    try:
+        prepare_folders(config)
+        results.append(CheckResult("folders", True, "outbox, archive, failed and state_dir are writable"))
+    except StartupError as exc:
+        results.append(CheckResult("folders", False, str(exc)))
+    try:
+        key = resolve_api_key(config)
+    except ConfigError as exc:
+        results.append(CheckResult("api key", False, str(exc)))
+        key = None
+    if key is not None:
+        results.append(_key_check(config, key))
+    results.extend(hosting_round_trip(config, (config.api.connect_timeout, config.api.read_timeout)))
+    return results, False
+
+
+def _key_check(config: Config, key: Secret) -> CheckResult:
+    register_secret(key.reveal())
+    client = ApiClient(config.api, key)
+    try:
+        status, error = client.probe_key()
+    finally:
+        client.close()
+    return judge_key_probe(status, error, config.api.status_url, key.source)
