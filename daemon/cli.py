@@ -95,46 +95,54 @@ def render_status(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+class CommandError(Exception):
+    """Ends a command with this message on stderr and this exit code."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _open_journal(config_path: str, *, read_only: bool):
+    """The configuration and the journal a daemon with it keeps, for commands that run beside it."""
     from .journal import Journal, JournalError
     from .service import journal_path
 
     try:
-        config = load_config(args.config)
+        config = load_config(config_path)
     except ConfigError as exc:
-        return _error(f"configuration error: {exc}", EXIT_CONFIG)
+        raise CommandError(f"configuration error: {exc}", EXIT_CONFIG) from None
     path = journal_path(config)
     if not path.exists():
-        return _error(f"no journal at {path}: the daemon has not run with this state_dir yet", EXIT_FAILURE)
+        raise CommandError(f"no journal at {path}: the daemon has not run with this state_dir yet", EXIT_FAILURE)
     try:
-        journal = Journal(path, read_only=True)
+        return config, Journal(path, read_only=read_only)
+    except JournalError as exc:
+        raise CommandError(str(exc), EXIT_FAILURE) from None
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .journal import JournalError
+
+    _config, journal = _open_journal(args.config, read_only=True)
+    try:
         summary = journal.summary(time.time())
-        journal.close()
     except JournalError as exc:
         return _error(str(exc), EXIT_FAILURE)
+    finally:
+        journal.close()
     print(json.dumps(summary, indent=2) if args.json else render_status(summary))
     return EXIT_OK
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
     """Send failed files through the pipeline again: the running daemon does it, or this command."""
-    from .journal import Journal, JournalError
     from .retry import RetryError, requeue, select_failed
-    from .service import journal_path, try_instance_lock
+    from .service import try_instance_lock
 
     if bool(args.paths) == args.all:
         return _error("retry: name the files in failed/ to send again, or --all (not both)", EXIT_CONFIG)
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        return _error(f"configuration error: {exc}", EXIT_CONFIG)
-    path = journal_path(config)
-    if not path.exists():
-        return _error(f"no journal at {path}: the daemon has not run with this state_dir yet", EXIT_FAILURE)
-    try:
-        journal = Journal(path)
-    except JournalError as exc:
-        return _error(str(exc), EXIT_FAILURE)
+    config, journal = _open_journal(args.config, read_only=False)
     try:
         try:
             jobs = select_failed(journal, config.folders.failed, args.paths, args.all)
@@ -258,7 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except CommandError as exc:
+        return _error(str(exc), exc.code)
 
 
 if __name__ == "__main__":
