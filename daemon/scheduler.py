@@ -150,7 +150,7 @@ class Scheduler:
         """Put every job a previous run left mid-way back on a path that continues it."""
         journal = self.ctx.journal
         for job in journal.jobs_in(JobState.PUBLISHING):
-            stages._unpublish(self.ctx, job)
+            stages.unpublish(self.ctx, job)
             journal.transition(job, JobState.PENDING, "restart: publish again", hosted_key=None)
         for job in journal.jobs_in(JobState.SUBMITTING):
             journal.add_to_counter("ambiguous_at_restart")

@@ -1,66 +1,40 @@
-"""The stages one job goes through, run on the worker pool: launch, poll, deliver, fail.
+"""The stages of a job up to the provider's answer, run on the worker pool: launch and poll.
 
 Each stage does blocking I/O and records its outcome in the journal before the next side effect,
 so that any of them can be cut short by a crash and simply run again. The scheduler decides *when*
-a stage runs; a stage decides only what its own answer means for its job.
+a stage runs; a stage decides only what its own answer means for its job. What happens after the
+provider (deliver) or instead of it (fail) lives in daemon.finishing.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import shutil
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
-from .api import (ApiClient, DownloadError, PollAnswer, PollVerdict, SubmitAnswer, SubmitVerdict,
-                  choose_polling_url)
-from .config import Config
-from .hosting import HostingAdapter, HostingError, key_for_logs, new_key
-from .journal import Job, Journal, JobState, StaleTransition
+from .api import DownloadError, PollAnswer, PollVerdict, SubmitAnswer, SubmitVerdict, choose_polling_url
+from .finishing import (Context, InboxUnavailable, changed_since_taken, decode_result, deliver, fail,
+                        finish_delivery, finish_failing, place_output, require_inbox, rewrite_as_png, size_and_mtime,
+                        unpublish)
+from .hosting import HostingError, key_for_logs, new_key
+from .journal import Job, JobState
 from .logging import mask_secrets
-from .outbox import Folders, claim_name, finish_temp, free_name, move_to, temporary_file, write_json_atomically
+from .outbox import finish_temp, temporary_file
 from .pacing import full_jitter
 from .preflight import PreflightError, PreflightResult, check_image
-from .watcher import probe_inbox
 
 log = structlog.get_logger("daemon.stages")
 
 RESEND_HINT = ("If the provider's dashboard shows no job for it, `codeformer-daemon retry` sends it "
                "again.")
 
-
-def iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
-
-
-@dataclass
-class Context:
-    """What the stages need; built once by the service."""
-
-    config: Config
-    journal: Journal
-    host: HostingAdapter
-    api: ApiClient
-    folders: Folders
-    inbox: Path
-    staging: Path
-    notify: Callable[[], None] = lambda: None
-    """Wakes the scheduler, e.g. the moment a job frees its in-flight slot."""
-    wall: Callable[[], float] = time.time
-    stopping: Callable[[], bool] = lambda: False
-    """True once a stop was requested: no new submit is started after that."""
-    poll_now: Callable[[int], None] = lambda job_id: None
-    """Asks the scheduler to poll a job at once (the provider's webhook said it changed)."""
-    prechecked: dict[int, tuple[PreflightResult, int, int]] = field(default_factory=dict)
-    """Preflight results of pending jobs, checked ahead of their slot: (result, size, mtime_ns)."""
+__all__ = ["Context", "InboxUnavailable", "StageOutcome", "check_ahead", "deliver", "fail", "finish_delivery",
+           "finish_failing", "launch", "poll", "unpublish"]
 
 
 @dataclass(frozen=True)
@@ -88,7 +62,7 @@ def launch(ctx: Context, job: Job) -> StageOutcome:
         finish_delivery(ctx, ctx.journal.transition(job, JobState.DELIVERING, "reused result already in place"))
         return StageOutcome(job.id)
     if not os.path.lexists(source):
-        _require_inbox(ctx)
+        require_inbox(ctx)
         ctx.journal.transition(job, JobState.VANISHED, "left the inbox before it was sent")
         log.info("file.vanished", rel_path=job.rel_path, job_id=job.id)
         return StageOutcome(job.id)
@@ -96,13 +70,13 @@ def launch(ctx: Context, job: Job) -> StageOutcome:
         twin = ctx.journal.find_twin(job)
         if twin is not None and twin.state is not JobState.DONE:
             return _wait_for_twin(ctx, job, twin)
-    stat_key = _stat_key(source)
+    stat_key = size_and_mtime(source)
     checked, *checked_stat_key = ctx.prechecked.pop(job.id, (None, None, None))
     if checked is None or stat_key != tuple(checked_stat_key) or not checked.upload_path.exists():
         checked = _preflight(ctx, job, source)
         if checked is None:
             return StageOutcome(job.id)
-        stat_key = _stat_key(source)  # after the hash: what the recorded content belongs to
+        stat_key = size_and_mtime(source)  # after the hash: what the recorded content belongs to
     size, mtime_ns = stat_key
     job = ctx.journal.update(job, sha256=checked.sha256, size=size, mtime_ns=mtime_ns,
                              upload_path=str(checked.upload_path))
@@ -148,7 +122,7 @@ def check_ahead(ctx: Context, job: Job) -> StageOutcome:
     source = ctx.inbox / job.rel_path
     checked = _preflight(ctx, job, source)
     if checked is not None:
-        size, mtime_ns = _stat_key(source)
+        size, mtime_ns = size_and_mtime(source)
         ctx.prechecked[job.id] = (checked, size, mtime_ns)
     return StageOutcome(job.id)
 
@@ -156,7 +130,7 @@ def check_ahead(ctx: Context, job: Job) -> StageOutcome:
 def _preflight(ctx: Context, job: Job, source: Path) -> PreflightResult | None:
     """Run preflight; on a bad file fail the job (or mark it vanished) and return None."""
     if not os.path.lexists(source):
-        _require_inbox(ctx)
+        require_inbox(ctx)
         ctx.journal.transition(job, JobState.VANISHED, "left the inbox before it was sent")
         log.info("file.vanished", rel_path=job.rel_path, job_id=job.id)
         return None
@@ -164,7 +138,7 @@ def _preflight(ctx: Context, job: Job, source: Path) -> PreflightResult | None:
         checked = check_image(source, ctx.staging, f"job-{job.id}", max_pixels=ctx.config.preflight.max_pixels)
     except PreflightError as exc:
         if not os.path.lexists(source):
-            _require_inbox(ctx)
+            require_inbox(ctx)
             ctx.journal.transition(job, JobState.VANISHED, "left the inbox during preflight")
             return None
         fail(ctx, job, "preflight", exc.reason)
@@ -175,27 +149,13 @@ def _preflight(ctx: Context, job: Job, source: Path) -> PreflightResult | None:
     return checked
 
 
-def _stat_key(path: Path) -> tuple[int | None, int | None]:
-    try:
-        st = os.stat(path, follow_symlinks=False)
-    except FileNotFoundError:
-        return None, None
-    return st.st_size, st.st_mtime_ns
-
-
-def changed_since_taken(source: Path, job: Job) -> bool:
-    """True when the file in the inbox is no longer the content this job recorded (gone is not changed)."""
-    stat_key = _stat_key(source)
-    return stat_key != (None, None) and stat_key != (job.size, job.mtime_ns)
-
-
 def _wait_for_twin(ctx: Context, job: Job, twin: Job) -> StageOutcome:
     """Identical content is in flight in another job: wait for its result instead of paying again."""
     if job.duplicate_of != twin.id:
         log.info("job.waiting_for_duplicate", rel_path=job.rel_path, job_id=job.id, twin=twin.id,
                  twin_file=twin.rel_path)
     delay = max(1.0, ctx.config.api.poll_interval)
-    _unpublish(ctx, job)
+    unpublish(ctx, job)
     ctx.journal.transition(job, JobState.PENDING, f"waiting for job #{twin.id} with the same content",
                            duplicate_of=twin.id, not_before=ctx.wall() + delay, hosted_key=None)
     ctx.notify()
@@ -220,13 +180,13 @@ def _reuse_result(ctx: Context, job: Job, twin: Job) -> bool:
             else:
                 ctx.api.download(twin.media_url, f, int(ctx.config.api.max_download_mb * 1024 * 1024))
             finish_temp(f)
-            converted = _decode_result(temp)
+            converted = decode_result(temp)
         except (DownloadError, FileNotFoundError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
             log.info("job.duplicate_reuse_failed", rel_path=job.rel_path, job_id=job.id, twin=twin.id, error=str(exc))
             return False
         if converted is not None:
-            _rewrite_as_png(temp, converted)
-        output = _place_output(ctx, job, temp, wanted)
+            rewrite_as_png(temp, converted)
+        output = place_output(ctx, job, temp, wanted)
     job = ctx.journal.transition(ctx.journal.get(job.id), JobState.DELIVERING,
                                  f"same content and parameters as job #{twin.id}: result reused",
                                  duplicate_of=twin.id, output_path=str(output))
@@ -269,7 +229,7 @@ def _back_to_pending(ctx: Context, job: Job, reason: str, *, count_attempt: bool
         job = ctx.journal.update(job, submit_attempts=attempts)
         fail(ctx, job, "attempts_exhausted", f"gave up after {attempts} attempts; last error: {reason}")
         return StageOutcome(job.id)
-    _unpublish(ctx, job)
+    unpublish(ctx, job)
     delay = retry_after if retry_after is not None else full_jitter(attempts, base=1.0, cap=300.0)
     ctx.journal.transition(job, JobState.PENDING, reason, submit_attempts=attempts, hosted_key=None,
                            not_before=ctx.wall() + delay, last_error=reason)
@@ -299,7 +259,7 @@ def poll(ctx: Context, job: Job) -> StageOutcome:
         log.info("job.completed", rel_path=job.rel_path, job_id=job.id, request_id=job.request_id,
                  provider_seconds=answer.provider_seconds,
                  duration=round(ctx.wall() - (job.submitted_at or ctx.wall()), 3))
-        _unpublish(ctx, job)
+        unpublish(ctx, job)
         deliver(ctx, job)
     elif verdict is PollVerdict.FAILED:
         fail(ctx, job, "provider_failed", f"the provider reported FAILED: {answer.message}",
@@ -313,207 +273,3 @@ def poll(ctx: Context, job: Job) -> StageOutcome:
         log.warning("job.poll_error", rel_path=job.rel_path, job_id=job.id, request_id=job.request_id,
                     error=answer.message)
     return StageOutcome(job.id, poll=answer)
-
-
-# --------------------------------------------------------------------------- deliver
-
-
-def deliver(ctx: Context, job: Job) -> None:
-    """DOWNLOADING -> result into the outbox (atomically) -> DELIVERING -> archive -> DONE."""
-    if job.output_path and Path(job.output_path).exists():
-        output = Path(job.output_path)  # placed before a crash, not yet recorded as delivered
-    else:
-        output = _download_into_outbox(ctx, job)
-        if output is None:
-            return
-    job = ctx.journal.transition(ctx.journal.get(job.id), JobState.DELIVERING, "output written",
-                                 output_path=str(output))
-    log.info("job.delivered", rel_path=job.rel_path, job_id=job.id, request_id=job.request_id,
-             output=str(output), bytes=output.stat().st_size)
-    finish_delivery(ctx, job)
-
-
-def _download_into_outbox(ctx: Context, job: Job) -> Path | None:
-    wanted = ctx.folders.output_path(job.rel_path)
-    max_bytes = int(ctx.config.api.max_download_mb * 1024 * 1024)
-    started = time.monotonic()
-    # Errors writing the outbox (disk full, read-only) are not caught here: they reach the
-    # scheduler, which keeps the job and tries again later, however long the fault lasts.
-    with temporary_file(wanted.parent) as (temp, f):
-        try:
-            size = ctx.api.download(job.media_url, f, max_bytes)
-        except DownloadError as exc:
-            _download_failed(ctx, job, str(exc), exc.retryable)
-            return None
-        finish_temp(f)
-        try:
-            converted = _decode_result(temp)
-        except (OSError, SyntaxError, ValueError) as exc:  # the bytes on disk are complete: a bad result
-            _download_failed(ctx, job, f"the result is not a readable image: {exc}", retryable=True)
-            return None
-        if converted is not None:
-            _rewrite_as_png(temp, converted)
-        output = _place_output(ctx, job, temp, wanted)
-    log.info("job.downloaded", rel_path=job.rel_path, job_id=job.id, bytes=size,
-             duration=round(time.monotonic() - started, 3))
-    return output
-
-
-def _place_output(ctx: Context, job: Job, temp: Path, wanted: Path) -> Path:
-    """Link the finished temp file into the outbox under a free name recorded first (no doubles)."""
-    intended = free_name(wanted)
-    job = ctx.journal.update(ctx.journal.get(job.id), output_path=str(intended))
-    output = claim_name(temp, intended)
-    if output != intended:
-        ctx.journal.update(job, output_path=str(output))
-    if output.name != wanted.name:
-        log.warning("output.renamed", rel_path=job.rel_path, job_id=job.id, wanted=str(wanted), output=str(output),
-                    reason="a file of that name already exists in the outbox")
-    return output
-
-
-def _decode_result(path: Path) -> Image.Image | None:
-    """Decode the result fully (proof it is an image); an image to re-save if it is not a PNG."""
-    with Image.open(path) as image:
-        image.load()
-        if image.format == "PNG":
-            return None
-        return image.convert("RGBA" if "A" in image.getbands() else "RGB")
-
-
-def _rewrite_as_png(path: Path, image: Image.Image) -> None:
-    with open(path, "r+b") as f:
-        f.truncate(0)
-        image.save(f, format="PNG")
-        finish_temp(f)
-
-
-def _download_failed(ctx: Context, job: Job, reason: str, retryable: bool) -> None:
-    attempts = job.download_attempts + 1
-    if not retryable or attempts >= ctx.config.api.max_attempts:
-        fail(ctx, job, "download_failed", f"could not fetch the result after {attempts} attempt(s): {reason}")
-        return
-    delay = full_jitter(attempts, base=1.0, cap=60.0)
-    ctx.journal.update(job, download_attempts=attempts, not_before=ctx.wall() + delay, last_error=reason)
-    log.warning("job.download_retry", rel_path=job.rel_path, job_id=job.id, error=reason, attempt=attempts,
-                delay=round(delay, 2))
-
-
-def finish_delivery(ctx: Context, job: Job) -> None:
-    """DELIVERING -> original to the archive, publication gone -> DONE. Safe to run again."""
-    source = ctx.inbox / job.rel_path
-    if not os.path.lexists(source):
-        _require_inbox(ctx)  # archived by an earlier run, or deleted: fine, but not while the inbox is away
-    elif changed_since_taken(source, job):
-        log.warning("file.changed_after_taken", rel_path=job.rel_path, job_id=job.id,
-                    detail="left in the inbox; its new content is taken as new work")
-    else:
-        job = _move_original(ctx, job, source, ctx.folders.archive_path(job.rel_path))
-        log.info("file.archived", rel_path=job.rel_path, job_id=job.id, archived=job.final_path)
-    _unpublish(ctx, job)
-    _remove_staged(ctx, job)
-    job = ctx.journal.transition(job, JobState.DONE, "restored", finished_at=ctx.wall())
-    log.info("job.done", rel_path=job.rel_path, job_id=job.id, request_id=job.request_id, output=job.output_path,
-             duration=round(job.finished_at - job.created_at, 3))
-
-
-def _move_original(ctx: Context, job: Job, source: Path, wanted: Path) -> Job:
-    """Move the original to a free name under `wanted`, recording the name before moving."""
-    if job.final_path is None:
-        job = ctx.journal.update(job, final_path=str(free_name(wanted)))
-    while True:
-        try:
-            move_to(source, Path(job.final_path))
-            return job
-        except FileExistsError:  # someone else's file took the name since: pick the next one
-            job = ctx.journal.update(job, final_path=str(free_name(wanted)))
-
-
-# --------------------------------------------------------------------------- fail
-
-
-def fail(ctx: Context, job: Job, kind: str, reason: str, *, api_error: str | None = None) -> None:
-    """Any unfinished state -> FAILING (recorded first) -> original to failed/ with its reason."""
-    reason = mask_secrets(reason)
-    api_error = mask_secrets(api_error) if api_error else api_error
-    try:
-        job = ctx.journal.transition(job, JobState.FAILING, reason, error_kind=kind, last_error=reason)
-    except StaleTransition:
-        return
-    ctx.notify()
-    finish_failing(ctx, job, api_error=api_error)
-
-
-def finish_failing(ctx: Context, job: Job, api_error: str | None = None) -> None:
-    """FAILING -> the original into failed/ beside <name>.error.json -> FAILED. Safe to run again."""
-    _unpublish(ctx, job)
-    source = ctx.inbox / job.rel_path
-    if not os.path.lexists(source):
-        _require_inbox(ctx)
-    elif not changed_since_taken(source, job):
-        job = _move_original(ctx, job, source, ctx.folders.failed_path(job.rel_path))
-    final = Path(job.final_path) if job.final_path else None
-    record_path = (final or ctx.folders.failed_path(job.rel_path))
-    record_path = record_path.with_name(record_path.name + ".error.json")
-    if not _is_record_of(record_path, job):
-        write_json_atomically(record_path, {
-            "file": job.rel_path,
-            "failed_at": iso(ctx.wall()),
-            "stage": job.error_kind,
-            "reason": job.last_error,
-            "request_id": job.request_id,
-            "api_error": api_error,
-            "submit_attempts": job.submit_attempts,
-            "job_id": job.id,
-            "history": [{"at": iso(e["at"]), "from": e["from_state"], "to": e["to_state"], "detail": e["detail"]}
-                        for e in ctx.journal.history(job.id)],
-        })
-    _remove_staged(ctx, job)
-    job = ctx.journal.transition(job, JobState.FAILED, job.last_error, finished_at=ctx.wall())
-    log.error("job.failed", rel_path=job.rel_path, job_id=job.id, request_id=job.request_id, stage=job.error_kind,
-              reason=job.last_error, moved_to=str(final) if final else None)
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _is_record_of(path: Path, job: Job) -> bool:
-    """True if `path` is this job's error record (already written before a crash)."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8")).get("job_id") == job.id
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def _unpublish(ctx: Context, job: Job) -> None:
-    if job.hosted_key:
-        ctx.host.close_callback(job.hosted_key.split(".")[0])
-        try:
-            ctx.host.unpublish(job.hosted_key)
-        except HostingError as exc:
-            log.warning("file.unpublish_failed", rel_path=job.rel_path, job_id=job.id,
-                        key=key_for_logs(job.hosted_key), error=str(exc))
-            return
-        log.debug("file.unpublished", rel_path=job.rel_path, job_id=job.id, key=key_for_logs(job.hosted_key))
-
-
-def _remove_staged(ctx: Context, job: Job) -> None:
-    if job.upload_path and Path(job.upload_path).parent == ctx.staging:
-        with contextlib.suppress(FileNotFoundError):
-            Path(job.upload_path).unlink()
-
-
-class InboxUnavailable(OSError):
-    """The inbox folder itself is missing or unreadable: an environment fault, not a vanished file."""
-
-
-def _require_inbox(ctx: Context) -> None:
-    """Raise InboxUnavailable when a job's source is missing because the whole inbox is.
-
-    A share unmounted or a disk pulled is no reason to drop the job or skip its archiving: raised
-    from a stage, the scheduler keeps the job and retries it later. The watcher's verdict (recorded
-    in the journal) also covers an unmounted share whose empty mount point still looks like a folder.
-    """
-    reason = ctx.journal.get_meta("inbox_unavailable") or probe_inbox(ctx.inbox)[1]
-    if reason is not None:
-        raise InboxUnavailable(f"the inbox is unavailable ({reason}); the job waits for it")

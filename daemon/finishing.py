@@ -1,0 +1,277 @@
+"""The end of a job, and what every stage works in.
+
+Delivering: the result into the outbox (atomically, under a name recorded first), then the original
+into the archive. Failing: the original into failed/ beside its .error.json. Each step is recorded
+in the journal before its side effect and is safe to run again after a crash. `Context` is what
+every stage needs; the launch and poll stages (daemon.stages) build on this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import structlog
+from PIL import Image
+
+from .api import ApiClient, DownloadError
+from .config import Config
+from .hosting import HostingAdapter, HostingError, key_for_logs
+from .journal import Job, Journal, JobState, StaleTransition
+from .logging import mask_secrets
+from .outbox import Folders, claim_name, finish_temp, free_name, move_to, temporary_file, write_json_atomically
+from .pacing import full_jitter
+from .preflight import PreflightResult
+from .watcher import probe_inbox
+
+log = structlog.get_logger("daemon.finishing")
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class Context:
+    """What the stages need; built once by the service."""
+
+    config: Config
+    journal: Journal
+    host: HostingAdapter
+    api: ApiClient
+    folders: Folders
+    inbox: Path
+    staging: Path
+    notify: Callable[[], None] = lambda: None
+    """Wakes the scheduler, e.g. the moment a job frees its in-flight slot."""
+    wall: Callable[[], float] = time.time
+    stopping: Callable[[], bool] = lambda: False
+    """True once a stop was requested: no new submit is started after that."""
+    poll_now: Callable[[int], None] = lambda job_id: None
+    """Asks the scheduler to poll a job at once (the provider's webhook said it changed)."""
+    prechecked: dict[int, tuple[PreflightResult, int, int]] = field(default_factory=dict)
+    """Preflight results of pending jobs, checked ahead of their slot: (result, size, mtime_ns)."""
+
+
+def size_and_mtime(path: Path) -> tuple[int | None, int | None]:
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return None, None
+    return st.st_size, st.st_mtime_ns
+
+
+def changed_since_taken(source: Path, job: Job) -> bool:
+    """True when the file in the inbox is no longer the content this job recorded (gone is not changed)."""
+    stat_key = size_and_mtime(source)
+    return stat_key != (None, None) and stat_key != (job.size, job.mtime_ns)
+
+
+# --------------------------------------------------------------------------- deliver
+
+
+def deliver(ctx: Context, job: Job) -> None:
+    """DOWNLOADING -> result into the outbox (atomically) -> DELIVERING -> archive -> DONE."""
+    if job.output_path and Path(job.output_path).exists():
+        output = Path(job.output_path)  # placed before a crash, not yet recorded as delivered
+    else:
+        output = _download_into_outbox(ctx, job)
+        if output is None:
+            return
+    job = ctx.journal.transition(ctx.journal.get(job.id), JobState.DELIVERING, "output written",
+                                 output_path=str(output))
+    log.info("job.delivered", rel_path=job.rel_path, job_id=job.id, request_id=job.request_id,
+             output=str(output), bytes=output.stat().st_size)
+    finish_delivery(ctx, job)
+
+
+def _download_into_outbox(ctx: Context, job: Job) -> Path | None:
+    wanted = ctx.folders.output_path(job.rel_path)
+    max_bytes = int(ctx.config.api.max_download_mb * 1024 * 1024)
+    started = time.monotonic()
+    # Errors writing the outbox (disk full, read-only) are not caught here: they reach the
+    # scheduler, which keeps the job and tries again later, however long the fault lasts.
+    with temporary_file(wanted.parent) as (temp, f):
+        try:
+            size = ctx.api.download(job.media_url, f, max_bytes)
+        except DownloadError as exc:
+            _download_failed(ctx, job, str(exc), exc.retryable)
+            return None
+        finish_temp(f)
+        try:
+            converted = decode_result(temp)
+        except (OSError, SyntaxError, ValueError) as exc:  # the bytes on disk are complete: a bad result
+            _download_failed(ctx, job, f"the result is not a readable image: {exc}", retryable=True)
+            return None
+        if converted is not None:
+            rewrite_as_png(temp, converted)
+        output = place_output(ctx, job, temp, wanted)
+    log.info("job.downloaded", rel_path=job.rel_path, job_id=job.id, bytes=size,
+             duration=round(time.monotonic() - started, 3))
+    return output
+
+
+def place_output(ctx: Context, job: Job, temp: Path, wanted: Path) -> Path:
+    """Link the finished temp file into the outbox under a free name recorded first (no doubles)."""
+    intended = free_name(wanted)
+    job = ctx.journal.update(ctx.journal.get(job.id), output_path=str(intended))
+    output = claim_name(temp, intended)
+    if output != intended:
+        ctx.journal.update(job, output_path=str(output))
+    if output.name != wanted.name:
+        log.warning("output.renamed", rel_path=job.rel_path, job_id=job.id, wanted=str(wanted), output=str(output),
+                    reason="a file of that name already exists in the outbox")
+    return output
+
+
+def decode_result(path: Path) -> Image.Image | None:
+    """Decode the result fully (proof it is an image); an image to re-save if it is not a PNG."""
+    with Image.open(path) as image:
+        image.load()
+        if image.format == "PNG":
+            return None
+        return image.convert("RGBA" if "A" in image.getbands() else "RGB")
+
+
+def rewrite_as_png(path: Path, image: Image.Image) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(0)
+        image.save(f, format="PNG")
+        finish_temp(f)
+
+
+def _download_failed(ctx: Context, job: Job, reason: str, retryable: bool) -> None:
+    attempts = job.download_attempts + 1
+    if not retryable or attempts >= ctx.config.api.max_attempts:
+        fail(ctx, job, "download_failed", f"could not fetch the result after {attempts} attempt(s): {reason}")
+        return
+    delay = full_jitter(attempts, base=1.0, cap=60.0)
+    ctx.journal.update(job, download_attempts=attempts, not_before=ctx.wall() + delay, last_error=reason)
+    log.warning("job.download_retry", rel_path=job.rel_path, job_id=job.id, error=reason, attempt=attempts,
+                delay=round(delay, 2))
+
+
+def finish_delivery(ctx: Context, job: Job) -> None:
+    """DELIVERING -> original to the archive, publication gone -> DONE. Safe to run again."""
+    source = ctx.inbox / job.rel_path
+    if not os.path.lexists(source):
+        require_inbox(ctx)  # archived by an earlier run, or deleted: fine, but not while the inbox is away
+    elif changed_since_taken(source, job):
+        log.warning("file.changed_after_taken", rel_path=job.rel_path, job_id=job.id,
+                    detail="left in the inbox; its new content is taken as new work")
+    else:
+        job = _move_original(ctx, job, source, ctx.folders.archive_path(job.rel_path))
+        log.info("file.archived", rel_path=job.rel_path, job_id=job.id, archived=job.final_path)
+    unpublish(ctx, job)
+    remove_staged(ctx, job)
+    job = ctx.journal.transition(job, JobState.DONE, "restored", finished_at=ctx.wall())
+    log.info("job.done", rel_path=job.rel_path, job_id=job.id, request_id=job.request_id, output=job.output_path,
+             duration=round(job.finished_at - job.created_at, 3))
+
+
+def _move_original(ctx: Context, job: Job, source: Path, wanted: Path) -> Job:
+    """Move the original to a free name under `wanted`, recording the name before moving."""
+    if job.final_path is None:
+        job = ctx.journal.update(job, final_path=str(free_name(wanted)))
+    while True:
+        try:
+            move_to(source, Path(job.final_path))
+            return job
+        except FileExistsError:  # someone else's file took the name since: pick the next one
+            job = ctx.journal.update(job, final_path=str(free_name(wanted)))
+
+
+# --------------------------------------------------------------------------- fail
+
+
+def fail(ctx: Context, job: Job, kind: str, reason: str, *, api_error: str | None = None) -> None:
+    """Any unfinished state -> FAILING (recorded first) -> original to failed/ with its reason."""
+    reason = mask_secrets(reason)
+    api_error = mask_secrets(api_error) if api_error else api_error
+    try:
+        job = ctx.journal.transition(job, JobState.FAILING, reason, error_kind=kind, last_error=reason)
+    except StaleTransition:
+        return
+    ctx.notify()
+    finish_failing(ctx, job, api_error=api_error)
+
+
+def finish_failing(ctx: Context, job: Job, api_error: str | None = None) -> None:
+    """FAILING -> the original into failed/ beside <name>.error.json -> FAILED. Safe to run again."""
+    unpublish(ctx, job)
+    source = ctx.inbox / job.rel_path
+    if not os.path.lexists(source):
+        require_inbox(ctx)
+    elif not changed_since_taken(source, job):
+        job = _move_original(ctx, job, source, ctx.folders.failed_path(job.rel_path))
+    final = Path(job.final_path) if job.final_path else None
+    record_path = (final or ctx.folders.failed_path(job.rel_path))
+    record_path = record_path.with_name(record_path.name + ".error.json")
+    if not _is_record_of(record_path, job):
+        write_json_atomically(record_path, {
+            "file": job.rel_path,
+            "failed_at": iso(ctx.wall()),
+            "stage": job.error_kind,
+            "reason": job.last_error,
+            "request_id": job.request_id,
+            "api_error": api_error,
+            "submit_attempts": job.submit_attempts,
+            "job_id": job.id,
+            "history": [{"at": iso(e["at"]), "from": e["from_state"], "to": e["to_state"], "detail": e["detail"]}
+                        for e in ctx.journal.history(job.id)],
+        })
+    remove_staged(ctx, job)
+    job = ctx.journal.transition(job, JobState.FAILED, job.last_error, finished_at=ctx.wall())
+    log.error("job.failed", rel_path=job.rel_path, job_id=job.id, request_id=job.request_id, stage=job.error_kind,
+              reason=job.last_error, moved_to=str(final) if final else None)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _is_record_of(path: Path, job: Job) -> bool:
+    """True if `path` is this job's error record (already written before a crash)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("job_id") == job.id
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def unpublish(ctx: Context, job: Job) -> None:
+    if job.hosted_key:
+        ctx.host.close_callback(job.hosted_key.split(".")[0])
+        try:
+            ctx.host.unpublish(job.hosted_key)
+        except HostingError as exc:
+            log.warning("file.unpublish_failed", rel_path=job.rel_path, job_id=job.id,
+                        key=key_for_logs(job.hosted_key), error=str(exc))
+            return
+        log.debug("file.unpublished", rel_path=job.rel_path, job_id=job.id, key=key_for_logs(job.hosted_key))
+
+
+def remove_staged(ctx: Context, job: Job) -> None:
+    if job.upload_path and Path(job.upload_path).parent == ctx.staging:
+        with contextlib.suppress(FileNotFoundError):
+            Path(job.upload_path).unlink()
+
+
+class InboxUnavailable(OSError):
+    """The inbox folder itself is missing or unreadable: an environment fault, not a vanished file."""
+
+
+def require_inbox(ctx: Context) -> None:
+    """Raise InboxUnavailable when a job's source is missing because the whole inbox is.
+
+    A share unmounted or a disk pulled is no reason to drop the job or skip its archiving: raised
+    from a stage, the scheduler keeps the job and retries it later. The watcher's verdict (recorded
+    in the journal) also covers an unmounted share whose empty mount point still looks like a folder.
+    """
+    reason = ctx.journal.get_meta("inbox_unavailable") or probe_inbox(ctx.inbox)[1]
+    if reason is not None:
+        raise InboxUnavailable(f"the inbox is unavailable ({reason}); the job waits for it")
