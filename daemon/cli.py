@@ -35,7 +35,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _error(f"configuration error: {exc}", EXIT_CONFIG)
     daemon_logging.register_secret(api_key.reveal())
     daemon_logging.configure(config.logging.format, config.logging.level)
-    service = Service(config, api_key)
+    service = Service(config, api_key, config_path=args.config,
+                      configure_logging=lambda changed: daemon_logging.configure(changed.format, changed.level))
     try:
         service.start()
     except StartupError as exc:

@@ -3,15 +3,18 @@
 JSON lines by default when stderr is not a terminal (systemd, files), a readable console renderer
 when it is. Secrets are removed in a processor, so no call site can forget: values of registered
 secrets are masked wherever they appear, and fields whose names look secret are masked entirely.
+Under systemd, when stderr is the journal's stream, each line starts with its syslog priority
+(`<4>` for a warning), so `journalctl -p warning` picks the right lines.
 """
 
 from __future__ import annotations
 
 import logging as stdlib_logging
+import os
 import re
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, TextIO
 
 import structlog
@@ -20,6 +23,10 @@ MASK = "***"
 SECRET_FIELD = re.compile(r"(api_?key|secret|password|token|signature|credential|authorization)", re.I)
 LEVELS = {"debug": stdlib_logging.DEBUG, "info": stdlib_logging.INFO,
           "warning": stdlib_logging.WARNING, "error": stdlib_logging.ERROR}
+
+SYSLOG_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
+"""syslog(3) priorities journald reads from a `<N>` line prefix (notice, 5, is not used)."""
+_LEVEL_ALIASES = {"warn": "warning", "exception": "error", "fatal": "critical", "msg": "info"}
 
 _secrets: set[str] = set()
 _secrets_lock = threading.Lock()
@@ -70,6 +77,32 @@ def redact_secrets(logger: Any, method_name: str, event_dict: dict[str, Any]) ->
     return event_dict
 
 
+def syslog_prefix(level: str) -> str:
+    """The `<N>` prefix that gives a line its priority in the journal; an unknown level is info."""
+    level = _LEVEL_ALIASES.get(level, level)
+    return f"<{SYSLOG_PRIORITY.get(level, SYSLOG_PRIORITY['info'])}>"
+
+
+def add_syslog_prefix(logger: Any, method_name: str, rendered: str) -> str:
+    """structlog processor, after the renderer: the rendered line with its journal priority in front."""
+    return syslog_prefix(method_name) + rendered
+
+
+def writes_to_journal(stream: TextIO, environ: Mapping[str, str] | None = None) -> bool:
+    """True if `stream` is the journal stream systemd connected: $JOURNAL_STREAM is its "device:inode".
+
+    Comparing both, as systemd.exec(5) advises, keeps the prefix out of a file or pipe that a child
+    inherited the variable with.
+    """
+    value = (os.environ if environ is None else environ).get("JOURNAL_STREAM", "")
+    try:
+        device, inode = (int(part) for part in value.split(":"))
+        stat = os.fstat(stream.fileno())
+    except (ValueError, OSError, AttributeError):  # unset or malformed; a stream without a descriptor
+        return False
+    return (stat.st_dev, stat.st_ino) == (device, inode)
+
+
 def configure(format: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
     """Configure structlog once, in the CLI entry point; safe to call again (reload)."""
     stream = stream or sys.stderr
@@ -86,7 +119,11 @@ def configure(format: str = "auto", level: str = "info", stream: TextIO | None =
     if format == "json":
         processors.append(structlog.processors.JSONRenderer(default=str, ensure_ascii=False))
     else:
-        processors.append(structlog.dev.ConsoleRenderer(colors=stream.isatty()))
+        # Named, not left to the default: with rich installed, structlog would render locals.
+        processors.append(structlog.dev.ConsoleRenderer(colors=stream.isatty(),
+                                                        exception_formatter=structlog.dev.plain_traceback))
+    if writes_to_journal(stream):
+        processors.append(add_syslog_prefix)
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),

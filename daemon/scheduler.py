@@ -63,7 +63,9 @@ class Scheduler:
         self.stop_requested = False
         self.gate = SubmitGate(self.max_in_flight)
         self.reload_hook: Callable[[], None] = lambda: None
-        """Re-reads what can change without a restart (the key); set by the service, run on SIGHUP."""
+        """Re-reads what can change without a restart (configuration, key); set by the service, run on SIGHUP."""
+        self.status_hook: Callable[[str], None] = lambda text: None
+        """Hears `activity()` every heartbeat (the service tells systemd); it must not block."""
         self._reload_requested = False
         self._finished: queue.SimpleQueue[_Running] = queue.SimpleQueue()
         self._running: dict[int, _Running] = {}
@@ -86,6 +88,7 @@ class Scheduler:
             self.recover()
         except Exception as exc:  # noqa: BLE001 - e.g. failed/ not writable: the loop retries those jobs
             log.error("recover.error", error=f"{type(exc).__name__}: {exc}", exc_info=True)
+        self.last_pass = self.clock()  # recovery may have been long; the loop starts now
         try:
             while not self.stop_requested:
                 self.wake.clear()  # before the pass: a wake-up during it makes the next nap return at once
@@ -103,6 +106,7 @@ class Scheduler:
                     self.heartbeat()
                 except Exception as exc:  # noqa: BLE001 - e.g. the state disk is full: wait, then go on
                     log.error("loop.error", error=f"{type(exc).__name__}: {exc}", exc_info=True)
+                    self.last_pass = self.clock()  # still a live loop: a full disk is no reason for a restart
                     self.wake.wait(LOOP_ERROR_PAUSE)
                 self.sleep_until_due()
         finally:
@@ -383,7 +387,7 @@ class Scheduler:
                 self._dispatch(job, job.state.value, work[job.state])
 
     def heartbeat(self) -> None:
-        """Show the daemon is alive (for `status`), and remind, at a bounded rate, of a pause."""
+        """Show the daemon is alive (for `status` and the watchdog), and remind, at a bounded rate, of a pause."""
         now = self.clock()
         self.last_pass = now
         if self.gate.reminder_due(now):
@@ -393,6 +397,17 @@ class Scheduler:
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + 2.0
             self.ctx.journal.set_meta("heartbeat", repr(self.ctx.wall()))
+            self.status_hook(self.activity())
+
+    def activity(self) -> str:
+        """What the daemon is doing, in one line: "3 in flight, 12 queued, paused: insufficient balance"."""
+        journal = self.ctx.journal
+        parts = [f"{journal.count_in(*IN_FLIGHT_STATES)} in flight", f"{journal.count_in(JobState.PENDING)} queued"]
+        if self.gate.reason:
+            parts.append(f"paused: {self.gate.reason}")
+        if self.watcher.unavailable_reason:
+            parts.append(f"inbox unavailable: {self.watcher.unavailable_reason}")
+        return ", ".join(parts)
 
     def sleep_until_due(self) -> None:
         now = self.clock()

@@ -2,26 +2,31 @@
 
 `Service` opens the journal, takes the single-instance lock, starts the host and the watcher, runs
 the scheduler until asked to stop, then shuts everything down in order within `shutdown_timeout`.
+It also decides what a reload (SIGHUP) may change while running, and tells systemd how it is doing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import structlog
 
 from . import __version__
 from .api import ApiClient
-from .config import Config, ConfigError, Secret, resolve_api_key
+from .config import Config, ConfigError, LoggingConfig, Secret, load_config, resolve_api_key
 from .hosting import HostingAdapter, HostingError, create_adapter
 from .journal import Journal, JournalError
 from .logging import register_secret
+from .notify import Notifier, Watchdog
 from .outbox import Folders
-from .scheduler import Scheduler
+from .scheduler import LOOP_ERROR_PAUSE, MAX_SLEEP, Scheduler
 from .stages import Context
 from .watcher import InboxWatcher
 
@@ -65,11 +70,61 @@ def try_instance_lock(state_dir: Path) -> int | None:
     return fd
 
 
+def reloaded_config(old: Config, new: Config) -> tuple[Config, list[str]]:
+    """The configuration a reload puts in force, and the changed keys it leaves for a restart.
+
+    What is read afresh for each new job or check applies at once: `restore` (for files taken from
+    now on; a job keeps the parameters recorded when it was taken), `preflight`, `logging`,
+    `shutdown_timeout`, and `api.api_key_file` (the key). The rest is wired into parts that are
+    running (folders and state_dir, the watcher, the host and its listening socket, the HTTP
+    client's timeouts, the scheduler's slots and poll clock): it keeps its old value until a restart.
+    """
+    applied = dataclasses.replace(new, folders=old.folders, state_dir=old.state_dir, hosting=old.hosting,
+                                  watch=old.watch, api=dataclasses.replace(old.api, api_key_file=new.api.api_key_file))
+    return applied, list(config_changes(applied, new))
+
+
+def config_changes(old: Config, new: Config) -> dict[str, list[Any]]:
+    """Dotted keys whose value differs, with [old, new] (the configuration holds no secrets)."""
+    before, after = _flatten(dataclasses.asdict(old)), _flatten(dataclasses.asdict(new))
+    return {key: [before.get(key), after.get(key)] for key in sorted(before.keys() | after.keys())
+            if before.get(key) != after.get(key)}
+
+
+def _flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = str(value) if isinstance(value, Path) else value
+    return flat
+
+
+def loop_stale_after(ping_interval: float) -> float:
+    """How long ago the scheduler's last pass may be for the watchdog still to ping.
+
+    A healthy loop passes at least every MAX_SLEEP, and every LOOP_ERROR_PAUSE + MAX_SLEEP while
+    its passes fail; one more MAX_SLEEP allows for a slow pass. With a longer ping interval the
+    rule is "it passed since about the previous ping", so a slow moment never costs a ping.
+    """
+    return max(ping_interval, LOOP_ERROR_PAUSE + 2 * MAX_SLEEP)
+
+
 class Service:
     """One running daemon. `start()`, then `run()` (blocks), `stop()` from anywhere."""
 
-    def __init__(self, config: Config, api_key: Secret, *, host: HostingAdapter | None = None) -> None:
+    def __init__(self, config: Config, api_key: Secret, *, host: HostingAdapter | None = None,
+                 config_path: str | Path | None = None,
+                 configure_logging: Callable[[LoggingConfig], None] | None = None,
+                 notifier: Notifier | None = None) -> None:
         self.config = config
+        self.config_path = Path(config_path).resolve() if config_path is not None else None
+        """The file a reload reads again; None: a reload re-reads only the key."""
+        self.configure_logging = configure_logging
+        """Applies a changed `logging` section on reload (the CLI owns the logging set-up)."""
+        self.notifier = notifier or Notifier()
+        self._watchdog: Watchdog | None = None
         register_secret(api_key.reveal())
         self.api_key = api_key
         self.host = host or create_adapter(config)
@@ -99,7 +154,9 @@ class Service:
                                     rescan_seconds=config.watch.rescan_seconds, ignore=config.watch.ignore,
                                     mode=config.watch.mode, wake=wake.set)
         self.scheduler = Scheduler(ctx, self.watcher, wake=wake)
-        self.scheduler.reload_hook = self.reload_key
+        self.scheduler.reload_hook = self.reload
+        if self.notifier.enabled:
+            self.scheduler.status_hook = self.notifier.status
         self.watcher.start()
         self.journal.set_meta("pid", str(os.getpid()))
         log.info("daemon.ready", version=__version__, inbox=str(config.folders.inbox),
@@ -115,6 +172,10 @@ class Service:
     def run(self) -> bool:
         """Run until `stop()`; then shut down. Returns True if every running stage finished in time."""
         assert self.scheduler is not None, "start() first"
+        # READY=1 here, not at the end of start(): the CLI installs its signal handlers in between,
+        # and the reload (SIGHUP) systemd may send once it hears READY=1 must find them.
+        self.notifier.ready()
+        self._start_watchdog()
         try:
             self.scheduler.run()
         finally:
@@ -133,18 +194,52 @@ class Service:
         if self.scheduler is not None:
             self.scheduler.request_reload()
 
-    def reload_key(self) -> None:
-        """Read the API key again from where it comes from; a broken source keeps the old key."""
+    def reload(self) -> None:
+        """SIGHUP, run on the loop's thread: read the configuration file and the key again.
+
+        All or nothing: a file or key that does not validate changes nothing (`daemon.reload_failed`).
+        Jobs already taken keep their restore parameters; see `reloaded_config` for what applies.
+        """
+        self.notifier.reloading()
         try:
-            key = resolve_api_key(self.config)
+            self._reload()
+        finally:
+            self.notifier.ready()  # also after a refused reload: the daemon runs on, as it was
+
+    def _reload(self) -> None:
+        try:
+            fresh = load_config(self.config_path) if self.config_path is not None else self.config
+            key = resolve_api_key(fresh)
         except ConfigError as exc:
-            log.error("daemon.reload_failed", error=str(exc), detail="still using the key read earlier")
+            log.error("daemon.reload_failed", reason=str(exc),
+                      detail="nothing changed: still running on the configuration and key read earlier")
             return
         register_secret(key.reveal())
-        changed = key != self.api_key
+        applied, needs_restart = reloaded_config(self.config, fresh)
+        changed = config_changes(self.config, applied)
+        logging_changed = applied.logging != self.config.logging
+        key_changed = key != self.api_key
+        self.config = applied
+        self.scheduler.ctx.config = applied  # stages and the scheduler read it afresh for each job
         self.api_key = key
         self.scheduler.ctx.api.set_key(key)
-        log.info("daemon.reloaded", key_source=key.source, key_changed=changed)
+        if logging_changed and self.configure_logging is not None:
+            self.configure_logging(applied.logging)
+        if needs_restart:
+            log.warning("daemon.restart_needed", keys=needs_restart,
+                        detail="changed in the file, but these keep their old values until the daemon "
+                               "restarts (systemctl restart codeformer-daemon)")
+        log.info("daemon.reloaded", changed=changed, key_source=key.source, key_changed=key_changed)
+
+    def _start_watchdog(self) -> None:
+        """Ping systemd's watchdog from a thread of its own while the scheduler's loop keeps passing."""
+        interval = self.notifier.watchdog_interval
+        if interval is None:
+            return
+        scheduler, stale_after = self.scheduler, loop_stale_after(interval)
+        self._watchdog = Watchdog(self.notifier, interval,
+                                  alive=lambda: scheduler.clock() - scheduler.last_pass <= stale_after)
+        self._watchdog.start()
 
     def stop(self) -> None:
         """Stop taking new files, let in-flight calls finish, and return from `run()`."""
@@ -158,6 +253,9 @@ class Service:
 
     def _shutdown(self) -> bool:
         started = self._stop_requested_at or time.monotonic()
+        if self._watchdog is not None:  # the loop has ended; the stop has its own timeout (TimeoutStopSec)
+            self._watchdog.stop()
+        self.notifier.stopping()
         log.info("daemon.stopping", shutdown_timeout=self.config.shutdown_timeout)
         budget = max(0.5, self.config.shutdown_timeout - (time.monotonic() - started) - 1.0)
         if self.watcher is not None:
@@ -172,4 +270,5 @@ class Service:
             os.close(self._lock_fd)
             self._lock_fd = None
         log.info("daemon.stopped", clean=clean, took=round(time.monotonic() - started, 3))
+        self.notifier.close()
         return clean
