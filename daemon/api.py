@@ -314,7 +314,9 @@ class ApiClient:
             if is_safe_to_resend(exc):
                 return SubmitAnswer(SubmitVerdict.RETRY, message=f"not sent: {reason}")
             return SubmitAnswer(SubmitVerdict.AMBIGUOUS, message=f"sent, answer lost: {reason}")
-        return decide_submit(response.status_code, response.text, dict(response.headers), self._clock())
+        # The provider may quote the image URL in an error, and a presigned URL is a secret.
+        text = response.text.replace(image_url, "(the published URL)")
+        return decide_submit(response.status_code, text, dict(response.headers), self._clock())
 
     def poll(self, polling_url: str) -> PollAnswer:
         try:

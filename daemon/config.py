@@ -116,10 +116,67 @@ class BuiltinHostConfig:
     """Requests for unknown paths one client may make per minute before it is refused for a while."""
 
 
+S3_URL_EXPIRY_MARGIN = 600
+"""Seconds a presigned URL outlives api.job_timeout by default: publish-to-submit time and clock skew."""
+S3_MAX_URL_EXPIRY = 7 * 86400
+"""The longest a SigV4 presigned URL may be valid."""
+
+
+@dataclass(frozen=True)
+class S3HostConfig:
+    """An S3-compatible bucket (AWS, R2, B2, MinIO): each scan uploaded, handed over as a presigned GET URL."""
+
+    bucket: str | None = None
+    prefix: str = "codeformer-daemon/"
+    """Objects live under this prefix; at start-up, object keys of the daemon's own shape found here and
+    not needed by the journal are deleted, so give every daemon its own prefix."""
+    endpoint_url: str | None = None
+    region: str | None = None
+    url_expiry: int | None = field(default=None, metadata=_range(60, S3_MAX_URL_EXPIRY))
+    addressing_style: str = field(default="auto", metadata=_choice("auto", "path", "virtual"))
+    profile: str | None = None
+
+    def expiry_for(self, job_timeout: float) -> int:
+        """Seconds each presigned URL is valid: `url_expiry`, or api.job_timeout plus a margin."""
+        if self.url_expiry is not None:
+            return self.url_expiry
+        return min(int(job_timeout) + S3_URL_EXPIRY_MARGIN, S3_MAX_URL_EXPIRY)
+
+
+@dataclass(frozen=True)
+class CommandHostConfig:
+    """External programs (rclone, scp, a script) that upload and delete; argument lists, never a shell."""
+
+    publish: tuple[str, ...] = ()
+    unpublish: tuple[str, ...] = ()
+    url_template: str | None = None
+    timeout: float = field(default=120.0, metadata=_range(1, 3600))
+
+
+@dataclass(frozen=True)
+class WebdavHostConfig:
+    """A WebDAV folder (Nextcloud, ownCloud, nginx, Apache) that a public URL serves files from."""
+
+    url: str | None = None
+    public_url_template: str | None = None
+    username: str | None = None
+    password_file: Path | None = None
+    token_file: Path | None = None
+
+
+HOSTING_ADAPTERS = ("builtin", "s3", "command", "webdav")
+"""Must match daemon.hosting.ADAPTERS (config sits below hosting, so the names live here too)."""
+
+COMMAND_PLACEHOLDERS = {"publish": ("{path}", "{key}", "{content_type}"), "unpublish": ("{key}",)}
+
+
 @dataclass(frozen=True)
 class HostingConfig:
-    adapter: str = field(default="builtin", metadata=_choice("builtin"))
+    adapter: str = field(default="builtin", metadata=_choice(*HOSTING_ADAPTERS))
     builtin: BuiltinHostConfig = field(default_factory=BuiltinHostConfig)
+    s3: S3HostConfig = field(default_factory=S3HostConfig)
+    command: CommandHostConfig = field(default_factory=CommandHostConfig)
+    webdav: WebdavHostConfig = field(default_factory=WebdavHostConfig)
 
 
 @dataclass(frozen=True)
@@ -259,6 +316,78 @@ def _is_inside(child: Path, parent: Path) -> bool:
         return False
 
 
+def _required(value: Any, key: str, adapter: str) -> None:
+    if value is None or value == ():
+        raise ConfigError(f"{key}: required when hosting.adapter is {adapter}")
+
+
+def _check_template(value: str, key: str) -> None:
+    """A URL template: http(s) once `{key}` is filled in, and it must contain `{key}`."""
+    if "{key}" not in value:
+        raise ConfigError(f"{key}: must contain {{key}}, where each file's random key goes")
+    _check_url(value.replace("{key}", "k"), key)
+
+
+def _check_arguments(argv: tuple[str, ...], key: str, which: str) -> None:
+    allowed = COMMAND_PLACEHOLDERS[which]
+    for argument in argv:
+        for placeholder in re.findall(r"\{[A-Za-z_]+\}", argument):
+            if placeholder not in allowed:
+                raise ConfigError(f"{key}: unknown placeholder {placeholder}; allowed: {', '.join(allowed)}")
+    if not argv[0].strip():
+        raise ConfigError(f"{key}: the first item must be the program to run")
+    needed = ("{path}", "{key}") if which == "publish" else ("{key}",)
+    for placeholder in needed:
+        if not any(placeholder in argument for argument in argv):
+            raise ConfigError(f"{key}: must contain {placeholder}")
+
+
+def _validate_hosting_adapter(config: Config) -> None:
+    """The keys the chosen adapter needs; sections of other adapters are only type-checked."""
+    from urllib.parse import urlsplit
+
+    hosting, adapter = config.hosting, config.hosting.adapter
+    if adapter == "s3":
+        s3 = hosting.s3
+        _required(s3.bucket, "hosting.s3.bucket", adapter)
+        try:
+            import boto3  # noqa: F401 - only to say so now, naming the extra, rather than at the first upload
+        except ImportError:
+            raise ConfigError("hosting.adapter: s3 needs boto3, which is not installed; install the "
+                              "extra: pip install 'codeformer-daemon[s3]'") from None
+        if s3.endpoint_url is not None:
+            _check_url(s3.endpoint_url, "hosting.s3.endpoint_url")
+        if s3.region == "auto" and s3.endpoint_url is None:
+            raise ConfigError("hosting.s3.region: 'auto' is for Cloudflare R2; set hosting.s3.endpoint_url too")
+        if s3.prefix.startswith("/"):
+            raise ConfigError("hosting.s3.prefix: must not start with '/' (object keys have no leading slash)")
+        if s3.expiry_for(config.api.job_timeout) < config.api.job_timeout:
+            raise ConfigError(f"hosting.s3.url_expiry: {s3.expiry_for(config.api.job_timeout)} s is shorter than "
+                              f"api.job_timeout ({config.api.job_timeout:g} s): a job still queued at the "
+                              "provider could find its URL expired")
+    elif adapter == "command":
+        command = hosting.command
+        _required(command.publish, "hosting.command.publish", adapter)
+        _required(command.unpublish, "hosting.command.unpublish", adapter)
+        _check_arguments(command.publish, "hosting.command.publish", "publish")
+        _check_arguments(command.unpublish, "hosting.command.unpublish", "unpublish")
+        if command.url_template is not None:
+            _check_template(command.url_template, "hosting.command.url_template")
+    elif adapter == "webdav":
+        webdav = hosting.webdav
+        _required(webdav.url, "hosting.webdav.url", adapter)
+        _check_url(webdav.url, "hosting.webdav.url")
+        if "@" in urlsplit(webdav.url).netloc:
+            raise ConfigError("hosting.webdav.url: no credentials in the URL; use hosting.webdav.username and "
+                              "a password file or credential")
+        _required(webdav.public_url_template, "hosting.webdav.public_url_template", adapter)
+        _check_template(webdav.public_url_template, "hosting.webdav.public_url_template")
+        if webdav.token_file is not None and (webdav.username is not None or webdav.password_file is not None):
+            raise ConfigError("hosting.webdav.token_file: use either a token or a username and password, not both")
+        if webdav.password_file is not None and webdav.username is None:
+            raise ConfigError("hosting.webdav.username: required with hosting.webdav.password_file")
+
+
 def validate(config: Config) -> None:
     """Checks that need more than one key or the file system; raise ConfigError naming the key."""
     _check_url(config.api.base_url, "api.base_url")
@@ -272,6 +401,7 @@ def validate(config: Config) -> None:
     for key, path in (("hosting.builtin.tls_cert", builtin.tls_cert), ("hosting.builtin.tls_key", builtin.tls_key)):
         if path is not None and not path.is_file():
             raise ConfigError(f"{key}: {path} does not exist or is not a file")
+    _validate_hosting_adapter(config)
 
     inbox = config.folders.inbox
     if not inbox.is_dir():

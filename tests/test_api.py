@@ -203,3 +203,33 @@ def test_the_key_never_follows_a_redirect():
         client.close()
     assert seen_keys == ["the-key-1234", "the-key-1234"], "one request each, the redirect not followed"
     assert submit.verdict is SubmitVerdict.REJECTED and poll.verdict is PollVerdict.RETRY
+
+
+def test_a_published_url_quoted_in_an_error_is_not_kept():
+    """A presigned URL is a secret: a provider error that quotes it must not carry it into logs."""
+    import http.server
+    import json as jsonlib
+
+    from daemon.api import ApiClient
+    from daemon.config import Secret
+
+    class Quoting(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            sent = jsonlib.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            body = jsonlib.dumps({"error": "Bad Request", "message": f"cannot read image {sent['image']}"}).encode()
+            self.send_response(400)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    url = "https://bucket.example/scans/k.jpg?X-Amz-Credential=AKID&X-Amz-Signature=0123abcd"
+    with local_server(Quoting) as base:
+        client = ApiClient(ApiConfig(base_url=base, status_url=base + "/status"), Secret("the-key-1234"))
+        answer = client.submit(url, {"upscale": 2})
+        client.close()
+    assert answer.verdict is SubmitVerdict.REJECTED
+    assert "X-Amz-Signature" not in answer.message and "cannot read image (the published URL)" in answer.message

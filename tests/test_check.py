@@ -85,3 +85,48 @@ def test_check_reports_a_bad_configuration_and_a_host_that_cannot_start(tmp_path
 def test_judge_key_probe(status, error, ok, words):
     result = judge_key_probe(status, error, "https://api.example/status", "api.api_key_file (/etc/key)")
     assert result.ok is ok and words in result.detail
+
+
+# --------------------------------------------------------------------------- every adapter
+
+from .hosting_fixtures import (DAV_PASSWORD, S3_SECRET_KEY, aws_sandbox, command_settings,  # noqa: E402,F401
+                               dav_server, folder_server, moto_s3, s3_credentials, s3_settings, webdav_settings)
+
+
+@pytest.mark.parametrize("adapter", ["s3", "command", "webdav"])
+def test_check_passes_with_each_adapter_and_leaves_nothing_published(
+        adapter, request, tmp_path, folders, emulator):
+    env = {}
+    if adapter == "s3":
+        moto = request.getfixturevalue("moto_s3")
+        bucket = moto.new_bucket()
+        settings = s3_settings(moto, bucket)
+        env["CREDENTIALS_DIRECTORY"] = str(s3_credentials(tmp_path / "credentials"))
+        leftovers = lambda: moto.keys(bucket)  # noqa: E731
+    elif adapter == "command":
+        served = request.getfixturevalue("folder_server")
+        settings = command_settings(served)
+        leftovers = lambda: sorted(p.name for p in served.folder.iterdir())  # noqa: E731
+    else:
+        dav = request.getfixturevalue("dav_server")
+        settings = webdav_settings(dav, tmp_path / "dav-password")
+        leftovers = lambda: sorted(p.name for p in dav.folder.iterdir())  # noqa: E731
+    mapping = config_mapping(folders, emulator, hosting={"adapter": adapter, adapter: settings})
+    result = check(write_config(tmp_path / "config.yaml", mapping), **env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert lines(result) == {"config": "ok", "folders": "ok", "api key": "ok", f"hosting ({adapter})": "ok"}
+    assert leftovers() == []
+    for secret in ("X-Amz-Signature", "Signature=", S3_SECRET_KEY, DAV_PASSWORD, API_KEY):
+        assert secret not in result.stdout + result.stderr
+    assert emulator.stats()["submits_received"] == 0
+
+
+def test_check_names_a_bucket_that_does_not_exist(tmp_path, folders, emulator, moto_s3):
+    settings = s3_settings(moto_s3, "no-such-bucket-4711")
+    mapping = config_mapping(folders, emulator, hosting={"adapter": "s3", "s3": settings})
+    result = check(write_config(tmp_path / "config.yaml", mapping),
+                   CREDENTIALS_DIRECTORY=str(s3_credentials(tmp_path / "credentials")))
+    assert result.returncode == 1
+    [line] = [x for x in result.stdout.splitlines() if x.startswith("FAIL  hosting (s3)")]
+    assert "cannot start" in line and "no-such-bucket-4711" in line, line
+    assert S3_SECRET_KEY not in result.stdout + result.stderr

@@ -1,0 +1,81 @@
+"""What the adapters that publish to someone else's storage (S3, command, WebDAV) share.
+
+Their sweeps only ever delete names of the daemon's own key shape, so a prefix or folder shared by
+mistake with other files loses nothing else; their uploads read the scan through a descriptor
+opened without following links, like the built-in host; and their secrets come from files or
+systemd credentials and are registered for masking the moment they are read.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import stat
+from collections.abc import Mapping
+from pathlib import Path
+from typing import BinaryIO
+
+from ..logging import mask_secrets, register_secret
+from .base import KEY_BYTES, HostingError, key_for_logs
+
+_KEY_SHAPE = re.compile(r"[A-Za-z0-9_-]{%d}\.[A-Za-z0-9]{1,5}" % math.ceil(KEY_BYTES * 4 / 3))
+ERROR_TAIL = 300
+"""Characters of a server's answer or a command's stderr kept in an error text."""
+
+
+def is_daemon_key(name: str) -> bool:
+    """True for names `new_key` makes (256 random bits in URL-safe base64, then a suffix)."""
+    return _KEY_SHAPE.fullmatch(name) is not None
+
+
+def open_for_upload(path: Path) -> BinaryIO:
+    """The file to upload, opened without following links; HostingError if it is not a regular file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        raise HostingError(f"cannot publish {path}: {exc.strerror} (links are never published)") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise HostingError(f"cannot publish {path}: not a regular file")
+    return os.fdopen(fd, "rb")
+
+
+def check_regular_file(path: Path) -> None:
+    """HostingError unless `path` is a regular file and not a link (for programs that read it themselves)."""
+    open_for_upload(path).close()
+
+
+def read_secret(path: Path, key: str) -> str:
+    """A secret kept in a file (one line), registered for masking; HostingError naming `key` otherwise."""
+    try:
+        value = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise HostingError(f"{key}: cannot read {path}: {exc.strerror or exc}") from None
+    if not value:
+        raise HostingError(f"{key}: {path} is empty")
+    register_secret(value)
+    return value
+
+
+def read_credential(name: str, environ: Mapping[str, str]) -> str | None:
+    """The systemd credential `name` ($CREDENTIALS_DIRECTORY/name), registered for masking, or None."""
+    directory = environ.get("CREDENTIALS_DIRECTORY")
+    if not directory or not (Path(directory) / name).is_file():
+        return None
+    return read_secret(Path(directory) / name, f"credential {name}")
+
+
+def tail(text: str | bytes, *, hide: str | None = None, limit: int = ERROR_TAIL) -> str:
+    """The end of a command's stderr or a server's answer, safe for an error text.
+
+    One line, at most `limit` characters, registered secrets masked, and the key `hide` shortened
+    as in the logs (the key is the capability to fetch a file wherever the URL is public).
+    """
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="replace")
+    text = mask_secrets(text)
+    if hide:
+        text = text.replace(hide, key_for_logs(hide))
+    text = " ".join(text.split())
+    return text if len(text) <= limit else "…" + text[-limit:]
