@@ -14,7 +14,6 @@ from __future__ import annotations
 import http.server
 import os
 import re
-import shutil
 import socket
 import ssl
 import stat

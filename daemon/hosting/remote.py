@@ -12,12 +12,16 @@ import math
 import os
 import re
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
+import structlog
+
 from ..logging import mask_secrets, register_secret
-from .base import KEY_BYTES, HostingError, key_for_logs
+from .base import KEY_BYTES, HostingAdapter, HostingError, key_for_logs
+
+log = structlog.get_logger("daemon.hosting")
 
 _KEY_SHAPE = re.compile(r"[A-Za-z0-9_-]{%d}\.[A-Za-z0-9]{1,5}" % math.ceil(KEY_BYTES * 4 / 3))
 ERROR_TAIL = 300
@@ -27,6 +31,21 @@ ERROR_TAIL = 300
 def is_daemon_key(name: str) -> bool:
     """True for names `new_key` makes (256 random bits in URL-safe base64, then a suffix)."""
     return _KEY_SHAPE.fullmatch(name) is not None
+
+
+def remove_orphans(host: HostingAdapter, names: Iterable[str], keep: set[str]) -> int:
+    """Unpublish each of `names` of the daemon's key shape not in `keep`; one that fails is logged
+    and skipped (the next start tries again). Returns how many were removed."""
+    removed = 0
+    for name in names:
+        if not is_daemon_key(name) or name in keep:
+            continue
+        try:
+            host.unpublish(name)
+            removed += 1
+        except HostingError as exc:
+            log.warning("hosting.sweep_failed", adapter=host.name, key=key_for_logs(name), error=str(exc))
+    return removed
 
 
 def open_for_upload(path: Path) -> BinaryIO:

@@ -25,7 +25,7 @@ import structlog
 
 from ..config import S3HostConfig
 from .base import HostingAdapter, HostingError, key_for_logs
-from .remote import is_daemon_key, open_for_upload, read_credential, tail
+from .remote import open_for_upload, read_credential, remove_orphans, tail
 
 log = structlog.get_logger("daemon.hosting.s3")
 
@@ -200,23 +200,14 @@ class S3Host(HostingAdapter):
         Anything else under the prefix (other names, deeper "folders") is left alone.
         """
         client = self._started()
-        orphans = []
+        names: list[str] = []
         try:
             for page in client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix):
-                for item in page.get("Contents", []):
-                    name = item["Key"][len(self.prefix):]
-                    if is_daemon_key(name) and name not in keep:
-                        orphans.append(name)
+                names.extend(item["Key"][len(self.prefix):] for item in page.get("Contents", []))
         except Exception as exc:  # noqa: BLE001
             raise HostingError(f"cannot list {self.where}: {self._explain(exc)}") from None
-        removed = 0
-        for key in orphans:  # one by one: DeleteObjects needs checksums some S3-compatibles refuse
-            try:
-                self.unpublish(key)
-                removed += 1
-            except HostingError as exc:
-                log.warning("hosting.sweep_failed", adapter=self.name, key=key_for_logs(key), error=str(exc))
-        return removed
+        # One by one: DeleteObjects needs checksums some S3-compatibles refuse.
+        return remove_orphans(self, names, keep)
 
     # -- helpers
 

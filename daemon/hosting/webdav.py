@@ -24,7 +24,7 @@ from urllib3.util import Retry
 
 from ..config import WebdavHostConfig
 from .base import HostingAdapter, HostingError, key_for_logs
-from .remote import is_daemon_key, open_for_upload, read_credential, read_secret, tail
+from .remote import open_for_upload, read_credential, read_secret, remove_orphans, tail
 
 log = structlog.get_logger("daemon.hosting.webdav")
 
@@ -149,16 +149,7 @@ class WebdavHost(HostingAdapter):
                                  headers={"Depth": "1", "Content-Type": "application/xml"})
         if response.status_code != 207:
             raise HostingError(f"cannot list {self.collection}: {self._explain(response, 'the folder')}")
-        removed = 0
-        for name in _file_names(response.content):
-            if not is_daemon_key(name) or name in keep:
-                continue
-            try:
-                self.unpublish(name)
-                removed += 1
-            except HostingError as exc:
-                log.warning("hosting.sweep_failed", adapter=self.name, key=key_for_logs(name), error=str(exc))
-        return removed
+        return remove_orphans(self, _file_names(response.content), keep)
 
     # -- helpers
 
