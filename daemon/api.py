@@ -117,14 +117,25 @@ def _json(body: str) -> Any:
         return None
 
 
-def error_message(body: str) -> str:
-    """The provider's own words from an error body ('error: message'), else a short excerpt."""
+PUBLISHED_URL = "(the published URL)"
+
+
+def error_message(body: str, hide: str | None = None) -> str:
+    """The provider's own words from an error body ('error: message'), else a short excerpt.
+
+    `hide` (the image URL that was sent: a presigned URL is a secret) is replaced wherever the
+    provider quotes it, after JSON decoding and before the excerpt could cut it in half.
+    """
     data = _json(body)
     if isinstance(data, dict):
         parts = [str(data[k]) for k in ("error", "message") if isinstance(data.get(k), (str, int)) and data.get(k)]
         if parts:
-            return excerpt(": ".join(parts))
-    return excerpt(body) if body else "(empty body)"
+            return excerpt(_hidden(": ".join(parts), hide))
+    return excerpt(_hidden(body, hide)) if body else "(empty body)"
+
+
+def _hidden(text: str, secret: str | None) -> str:
+    return text.replace(secret, PUBLISHED_URL) if secret else text
 
 
 def is_http_url(value: Any) -> bool:
@@ -134,18 +145,20 @@ def is_http_url(value: Any) -> bool:
     return parts.scheme in ("http", "https") and bool(parts.netloc)
 
 
-def decide_submit(status: int, body: str, headers: dict[str, str], now: float) -> SubmitAnswer:
+def decide_submit(status: int, body: str, headers: dict[str, str], now: float,
+                  image_url: str | None = None) -> SubmitAnswer:
     """What a generate answer means for the job."""
     if 200 <= status < 300:
         data = _json(body)
         request_id = data.get("request_id") if isinstance(data, dict) else None
         if not isinstance(request_id, str) or not request_id.strip():
             return SubmitAnswer(SubmitVerdict.AMBIGUOUS, status,
-                                message=f"accepted (HTTP {status}) but no request_id in: {excerpt(body)}")
+                                message=f"accepted (HTTP {status}) but no request_id in: "
+                                        f"{excerpt(_hidden(body, image_url))}")
         polling_url = data.get("polling_url")
         return SubmitAnswer(SubmitVerdict.ACCEPTED, status, request_id=request_id,
                             polling_url=polling_url if is_http_url(polling_url) else None)
-    message = f"HTTP {status}: {error_message(body)}"
+    message = f"HTTP {status}: {error_message(body, hide=image_url)}"
     retry_after = parse_retry_after(headers.get("Retry-After"), now)
     if status == 402:
         return SubmitAnswer(SubmitVerdict.NO_BALANCE, status, message=message, retry_after=retry_after)
@@ -315,8 +328,8 @@ class ApiClient:
                 return SubmitAnswer(SubmitVerdict.RETRY, message=f"not sent: {reason}")
             return SubmitAnswer(SubmitVerdict.AMBIGUOUS, message=f"sent, answer lost: {reason}")
         # The provider may quote the image URL in an error, and a presigned URL is a secret.
-        text = response.text.replace(image_url, "(the published URL)")
-        return decide_submit(response.status_code, text, dict(response.headers), self._clock())
+        return decide_submit(response.status_code, response.text, dict(response.headers), self._clock(),
+                             image_url=image_url)
 
     def poll(self, polling_url: str) -> PollAnswer:
         try:

@@ -146,9 +146,12 @@ def cmd_retry(args: argparse.Namespace) -> int:
     config, journal = _open_journal(args.config, read_only=False)
     try:
         try:
-            jobs = select_failed(journal, config.folders.failed, args.paths, args.all)
+            jobs, possibly_paid = select_failed(journal, config.folders.failed, args.paths, args.all)
         except RetryError as exc:
             return _error(str(exc), EXIT_FAILURE)
+        for job in possibly_paid:
+            print(f"{job.final_path} -> left out: it may already have been paid for ({job.error_kind}); "
+                  "check the provider's dashboard, then name it to send it again")
         if not jobs:
             print("nothing to retry: failed/ holds no file this daemon failed")
             return EXIT_OK

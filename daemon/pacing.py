@@ -72,6 +72,7 @@ class SubmitGate:
         self._rng = rng or random.Random()
         self.reason: str | None = None
         self.detail = ""
+        self.paused_by_poll = False
         self.paused_since = 0.0
         self.until = 0.0
         """While paused: when the next probe may go out."""
@@ -154,11 +155,18 @@ class SubmitGate:
 
     def on_key_rejected_by_poll(self, message: str, now: float) -> str | None:
         """A poll was refused with 401/403: the key is bad for submits too."""
-        return self._pause(KEY_REJECTED, message, now, now)
+        change = self._pause(KEY_REJECTED, message, now, now)
+        if change == "paused":
+            self.paused_by_poll = True
+        return change
 
     def on_key_accepted_by_poll(self) -> str | None:
-        """A poll went through: a pause for a rejected key is over (the key works again)."""
-        if self.reason == KEY_REJECTED:
+        """A poll was answered (200): a pause that a refused poll began is over (the key works again).
+
+        A pause begun by a refused submit waits for an accepted probe: the status endpoint taking
+        the key proves nothing about the submit endpoint, and lifting it here would flap.
+        """
+        if self.reason == KEY_REJECTED and self.paused_by_poll:
             self.reason = None
             self.probe_out = False
             return "resumed"
@@ -178,6 +186,7 @@ class SubmitGate:
         self.delay = self.first_delay if changed or self.delay <= 0 else min(self.max_delay, self.delay * 2)
         if changed:
             self.paused_since = now
+            self.paused_by_poll = False
             self.next_reminder = now + self.reminder_every
         self.reason, self.detail, self.until, self.probe_out = reason, detail, now + self.delay, False
         return "paused" if changed else None

@@ -53,6 +53,19 @@ def _sha256_of(f: BinaryIO) -> str:
     return digest.hexdigest()
 
 
+FILE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ELOOP, errno.ENOENT, errno.ENOTDIR})
+"""Errors that say something about this file (its permissions, a link, gone). Any other errno (EIO,
+ESTALE, EHOSTDOWN, ...) is the disk or the share failing: not a verdict on the scan."""
+
+
+def is_environment_fault(exc: OSError) -> bool:
+    """True for an I/O error of the disk or share: the job is kept and tried again, never failed.
+
+    Pillow's own decode errors (truncated, broken stream) are OSErrors without an errno.
+    """
+    return exc.errno is not None and exc.errno not in FILE_ERRNOS
+
+
 def _open_no_follow(path: Path) -> BinaryIO:
     """Open the inbox file itself, never what a link points at: a link swapped in after the check is refused."""
     try:
@@ -60,6 +73,8 @@ def _open_no_follow(path: Path) -> BinaryIO:
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise PreflightError(SYMLINK_REASON) from None
+        if is_environment_fault(exc):
+            raise
         raise PreflightError(f"cannot read the file: {exc.strerror}") from None
     return os.fdopen(fd, "rb")
 
@@ -90,6 +105,8 @@ def check_image(path: Path, staging_dir: Path, stem: str, *, max_pixels: int) ->
     try:
         st = os.lstat(path)
     except OSError as exc:
+        if is_environment_fault(exc):
+            raise
         raise PreflightError(f"cannot read the file: {exc.strerror}") from None
     if stat.S_ISLNK(st.st_mode):
         raise PreflightError(SYMLINK_REASON)
@@ -111,7 +128,11 @@ def check_image(path: Path, staging_dir: Path, stem: str, *, max_pixels: int) ->
         raise PreflightError(f"refused as a decompression bomb: {exc}") from None
     except PermissionError as exc:
         raise PreflightError(f"cannot read the file: {exc.strerror}") from None
-    except (OSError, SyntaxError, ValueError) as exc:
+    except OSError as exc:
+        if is_environment_fault(exc):
+            raise  # the share hiccupped: the scheduler keeps the job and tries again later
+        raise PreflightError(f"the image is truncated or corrupt: {exc}") from None
+    except (SyntaxError, ValueError) as exc:
         raise PreflightError(f"the image is truncated or corrupt: {exc}") from None
 
 

@@ -27,6 +27,11 @@ FRESH_START = dict(sha256=None, upload_path=None, hosted_key=None, request_id=No
 """Columns a retried job starts again from: everything learnt on the failed run, except its history."""
 
 
+POSSIBLY_PAID = frozenset({"submit_ambiguous", "timeout"})
+"""Failures after which the provider may have charged (and may still finish) the job: `--all`
+leaves these out, and a person names each one after checking the provider's dashboard."""
+
+
 class RetryError(Exception):
     """The files asked for cannot be retried; the message names each one and why."""
 
@@ -35,8 +40,10 @@ def error_record_path(path: Path) -> Path:
     return path.with_name(path.name + ".error.json")
 
 
-def select_failed(journal: Journal, failed_dir: Path, targets: list[str], everything: bool) -> list[Job]:
-    """The failed jobs named by `targets` (files in failed/, or their .error.json), or all of them.
+def select_failed(journal: Journal, failed_dir: Path, targets: list[str],
+                  everything: bool) -> tuple[list[Job], list[Job]]:
+    """The failed jobs named by `targets` (files in failed/, or their .error.json), or all of them;
+    and, for `everything`, those left out because they may already have been paid for.
 
     A name that is not a failed file this journal knows is an error for the whole call, so a typo
     never half-runs a batch.
@@ -44,7 +51,9 @@ def select_failed(journal: Journal, failed_dir: Path, targets: list[str], everyt
     retryable = {job.final_path: job for job in journal.jobs_in(JobState.FAILED)
                  if job.final_path and os.path.lexists(job.final_path)}
     if everything:
-        return sorted(retryable.values(), key=lambda job: job.id)
+        jobs = sorted(retryable.values(), key=lambda job: job.id)
+        return ([job for job in jobs if job.error_kind not in POSSIBLY_PAID],
+                [job for job in jobs if job.error_kind in POSSIBLY_PAID])
     chosen: dict[int, Job] = {}
     unknown = []
     for target in targets:
@@ -60,7 +69,7 @@ def select_failed(journal: Journal, failed_dir: Path, targets: list[str], everyt
     if unknown:
         raise RetryError("not a failed file of this daemon (expected a file in " + str(failed_dir) + "): "
                          + ", ".join(unknown))
-    return sorted(chosen.values(), key=lambda job: job.id)
+    return sorted(chosen.values(), key=lambda job: job.id), []
 
 
 def _candidates(target: str, failed_dir: Path) -> list[Path]:

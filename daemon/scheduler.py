@@ -22,7 +22,7 @@ from . import retry, stages
 from .api import PollVerdict, SubmitVerdict
 from .journal import FINAL_STATES, IN_FLIGHT_STATES, Job, JobState, StaleTransition
 from .outbox import remove_temporaries
-from .pacing import KEY_REJECTED, NO_BALANCE, SubmitGate, full_jitter, next_poll_time
+from .pacing import NO_BALANCE, SubmitGate, full_jitter, next_poll_time
 from .watcher import InboxWatcher
 
 log = structlog.get_logger("daemon.scheduler")
@@ -71,6 +71,8 @@ class Scheduler:
         self._running: dict[int, _Running] = {}
         self._next_poll: dict[int, float] = {}
         self._submitted_clock: dict[int, float] = {}
+        self._still_waiting_at: dict[int, float] = {}
+        """Wall time of each job's last poll that said QUEUED/PROCESSING: the evidence for a timeout."""
         self._expected: float | None = None
         self._next_heartbeat = 0.0
         self._stage_errors: dict[int, int] = {}
@@ -151,32 +153,56 @@ class Scheduler:
     # ------------------------------------------------------------------ steps
 
     def recover(self) -> None:
-        """Put every job a previous run left mid-way back on a path that continues it."""
+        """Put every job a previous run left mid-way back on a path that continues it.
+
+        Each job on its own: one that cannot be recovered now (the inbox not mounted yet, a disk
+        error) is logged and left where the loop picks it up, and never stops the others.
+        """
         journal = self.ctx.journal
         for job in journal.jobs_in(JobState.PUBLISHING):
-            stages.unpublish(self.ctx, job)
-            journal.transition(job, JobState.PENDING, "restart: publish again", hosted_key=None)
+            self._recover_one(job, self._recover_publishing)
         for job in journal.jobs_in(JobState.SUBMITTING):
-            journal.add_to_counter("ambiguous_at_restart")
-            log.warning("job.ambiguous_at_restart", rel_path=job.rel_path, job_id=job.id)
-            stages.fail(self.ctx, job, "submit_ambiguous",
-                        "the daemon stopped while this file's submit was being sent; it is not resent "
-                        "automatically so it cannot be paid for twice. " + stages.RESEND_HINT)
-        keep = set()
+            self._recover_one(job, self._recover_submitting)
+        keep = {job.hosted_key for job in journal.jobs_in(JobState.SUBMITTED) if job.hosted_key}
         for job in journal.jobs_in(JobState.SUBMITTED):
-            if job.hosted_key and job.upload_path:
-                try:  # the provider may not have fetched it yet: serve it again under the same key
-                    self.ctx.host.publish(job.hosted_key, Path(job.upload_path),
-                                          "image/png" if job.hosted_key.endswith(".png") else "image/jpeg")
-                    keep.add(job.hosted_key)
-                except Exception as exc:  # noqa: BLE001 - a missing file only fails that job's fetch
-                    log.warning("file.republish_failed", rel_path=job.rel_path, job_id=job.id, error=str(exc))
-            log.info("job.resumed", rel_path=job.rel_path, job_id=job.id, request_id=job.request_id)
-        swept = self.ctx.host.sweep(keep)
+            self._recover_one(job, self._recover_submitted)
+        try:
+            swept = self.ctx.host.sweep(keep)
+        except Exception as exc:  # noqa: BLE001 - orphans wait for the next start (and the lifecycle rule)
+            log.warning("hosting.sweep_failed", error=f"{type(exc).__name__}: {exc}")
+            swept = 0
         removed = sum(remove_temporaries(p) for p in (self.ctx.folders.outbox, self.ctx.folders.archive,
                                                        self.ctx.folders.failed))
         if swept or removed:
             log.info("recover.cleaned", orphans_unpublished=swept, temporary_files_removed=removed)
+
+    def _recover_one(self, job: Job, step: Callable[[Job], None]) -> None:
+        try:
+            step(job)
+        except Exception as exc:  # noqa: BLE001 - the loop's own steps carry the job on later
+            log.warning("recover.job_error", rel_path=job.rel_path, job_id=job.id, state=job.state.value,
+                        error=f"{type(exc).__name__}: {exc}")
+
+    def _recover_publishing(self, job: Job) -> None:
+        stages.unpublish(self.ctx, job)
+        self.ctx.journal.transition(job, JobState.PENDING, "restart: publish again", hosted_key=None)
+
+    def _recover_submitting(self, job: Job) -> None:
+        self.ctx.journal.add_to_counter("ambiguous_at_restart")
+        log.warning("job.ambiguous_at_restart", rel_path=job.rel_path, job_id=job.id)
+        stages.fail(self.ctx, job, "submit_ambiguous",
+                    "the daemon stopped while this file's submit was being sent; it is not resent "
+                    "automatically so it cannot be paid for twice. " + stages.RESEND_HINT)
+
+    def _recover_submitted(self, job: Job) -> None:
+        """The provider may not have fetched the scan yet: serve it again under the same key."""
+        if job.hosted_key and job.upload_path:
+            try:
+                self.ctx.host.publish(job.hosted_key, Path(job.upload_path),
+                                      "image/png" if job.hosted_key.endswith(".png") else "image/jpeg")
+            except Exception as exc:  # noqa: BLE001 - a missing file only fails that job's fetch
+                log.warning("file.republish_failed", rel_path=job.rel_path, job_id=job.id, error=str(exc))
+        log.info("job.resumed", rel_path=job.rel_path, job_id=job.id, request_id=job.request_id)
 
     def collect_finished(self) -> None:
         """Hear back from finished stages: free their job, update the gate and the poll clocks."""
@@ -227,6 +253,10 @@ class Scheduler:
         source = self.ctx.api.key_source
         if "environment" in source:
             return f"put a valid key in {source} and restart the daemon; the key is also re-checked by itself"
+        if "credential" in source:  # systemd copies credentials only when the service starts
+            return ("put a valid key in the file the unit's LoadCredential=api_key:… names (e.g. "
+                    "/etc/codeformer-daemon/api_key), then systemctl restart codeformer-daemon; "
+                    "the key is also re-checked by itself")
         return (f"put a valid key in {source}, then reload (systemctl reload codeformer-daemon, or send "
                 "SIGHUP); the key is also re-checked by itself")
 
@@ -235,11 +265,13 @@ class Scheduler:
         job_id = outcome.job_id
         if answer.verdict is PollVerdict.AUTH:
             self._announce(self.gate.on_key_rejected_by_poll(answer.message, now), answer.message)
-        elif answer.http_status is not None:
+        elif answer.http_status == 200:
             self._announce(self.gate.on_key_accepted_by_poll(), "")
         if answer.verdict is PollVerdict.COMPLETED and answer.provider_seconds is not None:
             sample = answer.provider_seconds
             self._expected = sample if self._expected is None else 0.8 * self._expected + 0.2 * sample
+        if answer.verdict is PollVerdict.WAITING:
+            self._still_waiting_at[job_id] = self.ctx.wall()
         if answer.verdict in (PollVerdict.WAITING, PollVerdict.RETRY, PollVerdict.AUTH):
             delay_floor = answer.retry_after or 0.0
             self._next_poll[job_id] = max(now + delay_floor, next_poll_time(
@@ -265,7 +297,8 @@ class Scheduler:
         """The inbox is back: jobs that waited for it go on now rather than after their backoff."""
         now_wall = self.ctx.wall()
         for job in self.ctx.journal.jobs_in(JobState.PENDING, JobState.DELIVERING, JobState.FAILING):
-            held = (job.last_error or "").startswith(stages.InboxUnavailable.__name__)
+            # A failing job keeps its own reason in last_error, so any backoff of one is let go.
+            held = job.state is JobState.FAILING or (job.last_error or "").startswith(stages.InboxUnavailable.__name__)
             if held and job.id not in self._running and job.not_before > now_wall:
                 self._stage_errors.pop(job.id, None)
                 try:
@@ -298,16 +331,14 @@ class Scheduler:
     def fail_overdue_jobs(self) -> None:
         """Jobs the provider has held longer than api.job_timeout go to failed/.
 
-        Not while the key is rejected: then it is the daemon that cannot ask, not the provider
-        that is slow, and the jobs may well be finished and paid for.
+        Only on the provider's own word: a poll made after the deadline must have said the job is
+        still QUEUED or PROCESSING. After a restart, an outage or a rejected key it is the daemon
+        that could not ask, and the job may well be finished and paid for: it is polled first.
         """
-        if self.gate.reason == KEY_REJECTED:
-            return
-        now_wall = self.ctx.wall()
         for job in self.ctx.journal.jobs_in(JobState.SUBMITTED):
             if job.id in self._running or job.submitted_at is None:
                 continue
-            if now_wall - job.submitted_at > self.job_timeout:
+            if self._still_waiting_at.get(job.id, 0.0) - job.submitted_at > self.job_timeout:
                 self._dispatch(job, "fail", lambda ctx, j: stages.fail(
                     ctx, j, "timeout", f"still {j.remote_status or 'unfinished'} after api.job_timeout "
                     f"({self.job_timeout:g} s)"))
@@ -326,12 +357,18 @@ class Scheduler:
         ready = [job for job in journal.jobs_in(JobState.PENDING, limit=free + len(self._running))
                  if job.id not in self._running and job.not_before <= now_wall]
         allowed = self.gate.allowed(self.clock(), min(free, len(ready))) if ready else 0
-        for job in ready[:allowed]:
-            try:
-                job = journal.transition(job, JobState.PUBLISHING, "slot taken")
-            except StaleTransition:
-                continue
-            self._dispatch(job, "launch", stages.launch)
+        launched = 0
+        try:
+            for job in ready[:allowed]:
+                try:
+                    job = journal.transition(job, JobState.PUBLISHING, "slot taken")
+                except StaleTransition:
+                    continue
+                self._dispatch(job, "launch", stages.launch)
+                launched += 1
+        finally:
+            if allowed and not launched:  # a probe handed out but never sent must not keep the gate shut
+                self.gate.launch_ended_without_submit()
 
     def start_checks_ahead(self) -> None:
         """Preflight the next few pending files while the slots are busy (at most two at a time)."""
@@ -370,6 +407,8 @@ class Scheduler:
         for job_id in [j for j in self._next_poll if j not in submitted]:  # timed out, failed, done
             self._next_poll.pop(job_id, None)
             self._submitted_clock.pop(job_id, None)
+        for job_id in [j for j in self._still_waiting_at if j not in submitted]:
+            del self._still_waiting_at[job_id]
         for job in submitted.values():
             if job.id in self._running:
                 continue
@@ -435,7 +474,10 @@ class Scheduler:
             except StaleTransition as exc:
                 log.debug("job.stale", error=str(exc))
             except Exception as exc:  # noqa: BLE001 - one job's trouble must not stop the daemon
-                self._after_stage_error(job, exc)
+                try:
+                    self._after_stage_error(job, exc)
+                except Exception as inner:  # noqa: BLE001 - e.g. the journal unreadable: the loop goes on
+                    log.error("journal.write_failed", error=f"{type(inner).__name__}: {inner}")
             return stages.StageOutcome(job.id)
 
     def _after_stage_error(self, job: Job, exc: Exception) -> None:
@@ -450,7 +492,9 @@ class Scheduler:
                       retry_in=round(delay, 1), exc_info=not isinstance(exc, OSError))
         if current is None or current.state in FINAL_STATES:
             return
-        changes = {"not_before": self.ctx.wall() + delay, "last_error": f"{type(exc).__name__}: {exc}"}
+        changes = {"not_before": self.ctx.wall() + delay}
+        if current.state is not JobState.FAILING:  # a failing job keeps the reason it fails for
+            changes["last_error"] = f"{type(exc).__name__}: {exc}"
         try:
             if current.state is JobState.PUBLISHING:
                 self.ctx.journal.transition(current, JobState.PENDING, "error while publishing", **changes)

@@ -8,7 +8,9 @@ provider (deliver) or instead of it (fail) lives in daemon.finishing.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -17,7 +19,8 @@ from pathlib import Path
 import structlog
 from PIL import UnidentifiedImageError
 
-from .api import DownloadError, PollAnswer, PollVerdict, SubmitAnswer, SubmitVerdict, choose_polling_url
+from .api import (PUBLISHED_URL, DownloadError, PollAnswer, PollVerdict, SubmitAnswer, SubmitVerdict,
+                  choose_polling_url)
 from .finishing import (Context, InboxUnavailable, changed_since_taken, decode_result, deliver, fail,
                         finish_delivery, finish_failing, place_output, require_inbox, rewrite_as_png, size_and_mtime,
                         unpublish)
@@ -30,11 +33,16 @@ from .preflight import PreflightError, PreflightResult, check_image
 
 log = structlog.get_logger("daemon.stages")
 
-RESEND_HINT = ("If the provider's dashboard shows no job for it, `codeformer-daemon retry` sends it "
-               "again.")
+RESEND_HINT = ("If the provider's dashboard shows no job for it, `codeformer-daemon retry <this file>` "
+               "sends it again (`retry --all` leaves it out).")
 
 __all__ = ["Context", "InboxUnavailable", "StageOutcome", "check_ahead", "deliver", "fail", "finish_delivery",
            "finish_failing", "launch", "poll", "unpublish"]
+
+
+def without_published_url(text: str, key: str) -> str:
+    """The provider's words with any URL holding this job's key (a presigned URL is a secret) cut out."""
+    return re.sub(r"\S*" + re.escape(key) + r"\S*", PUBLISHED_URL, text)
 
 
 @dataclass(frozen=True)
@@ -246,6 +254,8 @@ def _back_to_pending(ctx: Context, job: Job, reason: str, *, count_attempt: bool
 def poll(ctx: Context, job: Job) -> StageOutcome:
     """SUBMITTED -> ask the provider; on COMPLETED go straight on to deliver."""
     answer = ctx.api.poll(job.polling_url)
+    if job.hosted_key and job.hosted_key in answer.message:
+        answer = dataclasses.replace(answer, message=without_published_url(answer.message, job.hosted_key))
     verdict = answer.verdict
     if verdict is PollVerdict.WAITING:
         if answer.remote_status != job.remote_status:

@@ -216,7 +216,9 @@ def test_a_published_url_quoted_in_an_error_is_not_kept():
     class Quoting(http.server.BaseHTTPRequestHandler):
         def do_POST(self):
             sent = jsonlib.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            body = jsonlib.dumps({"error": "Bad Request", "message": f"cannot read image {sent['image']}"}).encode()
+            quoted = sent["image"].replace("&", "\\u0026").replace("/", "\\/")  # escaped as some servers do
+            body = ('{"error": "Bad Request", "message": "cannot read image %s, which is %s"}'
+                    % (quoted, "x" * 300)).encode()
             self.send_response(400)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
@@ -233,3 +235,12 @@ def test_a_published_url_quoted_in_an_error_is_not_kept():
         client.close()
     assert answer.verdict is SubmitVerdict.REJECTED
     assert "X-Amz-Signature" not in answer.message and "cannot read image (the published URL)" in answer.message
+
+
+def test_a_provider_text_quoting_a_published_url_on_a_poll_loses_it():
+    from daemon.stages import without_published_url
+
+    key = "Zx3" + "a" * 40 + ".jpg"
+    text = f"Could not fetch image https://bucket.example/scans/{key}?X-Amz-Signature=0a1b (HTTP 403)"
+    assert without_published_url(text, key) == "Could not fetch image (the published URL) (HTTP 403)"
+    assert without_published_url("no face found", key) == "no face found"

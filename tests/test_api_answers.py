@@ -327,3 +327,19 @@ def test_a_media_url_that_is_not_http_is_never_followed(folders, emulator, make_
     assert "non-http(s)" in record["reason"] and not visible_files(folders["outbox"])
     assert emulator.stats()["submits_accepted"] == 1
     wait_for(lambda: "scan.jpg: could not fetch the result" in status_text(config), 5, what="status: " + "scan.jpg: could not fetch the result")
+
+
+def test_a_job_finished_while_the_daemon_was_down_past_job_timeout_is_delivered_not_timed_out(
+        folders, emulator, make_config, run_daemon):
+    """Only the provider's own word (a poll after the deadline saying QUEUED/PROCESSING) times a
+    job out: after a power cut or an outage the job is polled first, and it may well be done."""
+    emulator.latency = 0.5
+    config = make_config(api={"job_timeout": 1.5, "poll_interval": 0.2})
+    first = run_daemon(config)
+    drop(folders["inbox"], "scan.jpg")
+    wait_for(lambda: emulator.stats()["submits_accepted"] == 1, 10, what="the submit")
+    first.stop()
+    time.sleep(2.5)  # the provider finishes; the deadline passes while nobody is asking
+    run_daemon(config)
+    wait_for(lambda: outputs(folders) == ["scan.png"], 20, what="the result after the restart")
+    assert not visible_files(folders["failed"]) and emulator.stats()["submits_accepted"] == 1

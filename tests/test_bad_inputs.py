@@ -360,3 +360,17 @@ def test_temporary_and_hidden_names_are_left_alone(run, rel_path):
     assert not (run.root / "failed" / "skipped").exists() and not (run.root / "outbox" / "skipped").exists()
     assert [e for e in run.daemon.events() if e.get("rel_path") == rel_path] == []
     assert run.times_fetched(SKIPPED[rel_path]) == 0
+
+
+def test_an_io_error_of_the_share_is_not_a_verdict_on_the_scan():
+    """EIO/ESTALE from an SMB or NFS hiccup keep the job (retried later); only the file's own
+    problems (permission, a link, gone) and decode errors make it a bad file."""
+    import errno
+
+    from daemon.preflight import is_environment_fault
+
+    for code in (errno.EIO, errno.ESTALE, errno.EHOSTDOWN, errno.ENOTCONN):
+        assert is_environment_fault(OSError(code, os.strerror(code)))
+    for code in (errno.EACCES, errno.EPERM, errno.ELOOP, errno.ENOENT):
+        assert not is_environment_fault(OSError(code, os.strerror(code)))
+    assert not is_environment_fault(OSError("image file is truncated"))  # Pillow's, without an errno

@@ -87,6 +87,15 @@ def test_polls_refused_for_the_key_pause_submits_and_a_good_poll_resumes_them():
     assert gate.on_key_accepted_by_poll() is None and gate.reason == NO_BALANCE  # polls say nothing of money
 
 
+def test_a_key_pause_begun_by_a_submit_is_not_lifted_by_a_poll():
+    """The status endpoint taking the key proves nothing about the submit endpoint: no flapping."""
+    gate = SubmitGate(3)
+    gate.on_submit(ACCEPTED, 0.0)
+    gate.on_submit(BAD_KEY, 1.0)
+    assert gate.on_key_accepted_by_poll() is None and gate.reason == KEY_REJECTED
+    assert gate.allowed(6.0, 3) == 1 and gate.on_submit(ACCEPTED, 6.1, sent_at=6.0) == "resumed"
+
+
 def test_429_holds_every_submit_until_retry_after_and_halves_the_window_once_per_hold():
     gate = SubmitGate(8)
     assert gate.on_submit(too_many(retry_after=2.0), 10.0) == "rate_limited"

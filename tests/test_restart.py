@@ -127,3 +127,40 @@ def test_sigterm_during_a_busy_batch_exits_cleanly_and_a_restart_finishes_it(tmp
     resumed = [e for e in proc.events() if e.get("event") == "job.resumed"]
     assert resumed, "jobs still at the provider were resumed, not resubmitted"
     assert proc.terminate() == 0
+
+
+def test_one_job_that_cannot_be_recovered_does_not_stop_the_others(folders, emulator, make_config, monkeypatch,
+                                                                   captured_logs):
+    """Recovery is per job: a job whose recovery fails (the inbox not mounted yet, a disk error)
+    is left for the loop, and every other job is still carried on."""
+    from daemon import stages
+    from daemon.journal import Journal, JobState
+    from daemon.service import Service, journal_path
+    from daemon.config import Secret
+
+    config = make_config()
+    journal = Journal(journal_path(config))
+    params = config.restore.as_request()
+    stuck = journal.add_job("a.jpg", 1, 1, params)
+    stuck = journal.transition(journal.transition(stuck, JobState.PUBLISHING), JobState.SUBMITTING)
+    other = journal.add_job("b.jpg", 1, 1, params)
+    scan = folders["inbox"] / "b.jpg"
+    scan.write_bytes(b"\xff\xd8 not really a jpeg, only served")
+    other = journal.transition(journal.transition(other, JobState.PUBLISHING), JobState.SUBMITTING)
+    journal.transition(other, JobState.SUBMITTED, hosted_key="K" * 43 + ".jpg", upload_path=str(scan),
+                       request_id="r-1", polling_url=f"{emulator.status_url}/r-1", submitted_at=1.0)
+    journal.close()
+
+    def failing_fail(ctx, job, kind, reason, **kwargs):
+        raise OSError(5, "Input/output error")
+    monkeypatch.setattr(stages, "fail", failing_fail)
+    service = Service(config, Secret("k"))
+    service.start()
+    try:
+        service.scheduler.recover()
+        assert service.host.published_count() == 1, "the submitted job is served again"
+        assert any(e["event"] == "recover.job_error" and e["job_id"] == stuck.id for e in captured_logs)
+        assert any(e["event"] == "job.resumed" for e in captured_logs)
+    finally:
+        service.scheduler.stop()
+        service._shutdown()

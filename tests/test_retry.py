@@ -102,3 +102,24 @@ def test_retry_refuses_what_it_does_not_know_and_moves_nothing(tmp_path, folders
     assert (folders["inbox"] / "scan.jpg").exists()
     again = retry(config_path, "scan.jpg")
     assert again.returncode == 1 and "not a failed file" in again.stderr
+
+
+def test_retry_all_leaves_out_what_may_already_have_been_paid_for(tmp_path, folders, emulator, run_daemon):
+    config_path, config = setup(tmp_path, folders, emulator)
+    config = config_from_mapping(config_mapping(folders, emulator, api={"read_timeout": 0.5}), tmp_path)
+    emulator.hang_seconds = 2.0
+    emulator.inject("submit_timeout")
+    daemon = run_daemon(config)
+    make_photo(folders["inbox"] / "lost.jpg", 200, 160, seed=1, format="JPEG")
+    wait_for(lambda: (folders["failed"] / "lost.jpg.error.json").exists(), 20, what="the ambiguous failure")
+    emulator.model_disabled = True
+    make_photo(folders["inbox"] / "bad.jpg", 200, 160, seed=2, format="JPEG")
+    wait_for(lambda: (folders["failed"] / "bad.jpg.error.json").exists(), 20, what="the rejected one")
+    daemon.stop()
+
+    done = retry(config_path, "--all")
+    assert done.returncode == 0, done.stderr
+    assert "lost.jpg -> left out: it may already have been paid for (submit_ambiguous)" in done.stdout
+    assert (folders["failed"] / "lost.jpg").exists() and (folders["inbox"] / "bad.jpg").exists()
+    named = retry(config_path, "lost.jpg")  # named, it goes: the person has checked
+    assert named.returncode == 0 and (folders["inbox"] / "lost.jpg").exists()

@@ -6,7 +6,8 @@ without following links: a published path swapped for a symbolic link is not ser
 
 Hardened for a station that exposes it directly: optional TLS, only GET and HEAD for files (POST
 only for webhook tokens), single byte ranges (a fetcher may resume), and a client that keeps asking
-for unknown paths (someone guessing) is refused for a while and logged once.
+for unknown paths (someone guessing) gets 429 for unknown paths for a while, logged once; published
+files and open webhook tokens are still served to every client.
 """
 
 from __future__ import annotations
@@ -110,12 +111,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     host: "BuiltinHost"
 
     def do_GET(self) -> None:
-        if not self._refused():
-            self._serve(with_body=True)
+        self._serve(with_body=True)
 
     def do_HEAD(self) -> None:
-        if not self._refused():
-            self._serve(with_body=False)
+        self._serve(with_body=False)
 
     def _method_not_allowed(self) -> None:
         self.send_response(405)
@@ -127,13 +126,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         """The provider's completion webhook: only known tokens, body read and ignored."""
-        if self._refused():
-            return
         match = _HOOK_PATH.match(self.path)
         on_call = self.host._callbacks.get(match.group(1)) if match else None
         length = self.headers.get("Content-Length", "0")
         if on_call is None or not length.isdigit() or int(length) > MAX_HOOK_BODY:
-            self._not_found()
+            self._unknown()
             return
         self.rfile.read(int(length))
         on_call()  # only queues a poll: cheap, and done before the provider hears back
@@ -144,7 +141,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         match = _KEY_PATH.match(self.path)
         entry = self.host._lookup(match.group(1)) if match else None
         if entry is None:
-            self._not_found()
+            self._unknown()
             return
         path, content_type = entry
         f = _open_regular_file(path)
@@ -179,17 +176,24 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     return
         log.debug("hosting.served", key=key_for_logs(match.group(1)), bytes=length if with_body else 0)
 
-    def _refused(self) -> bool:
-        """A client over its limit of unknown paths gets a bare 429 until its window ends."""
-        if not self.host._limiter.refused(self.client_address[0], time.monotonic()):
-            return False
+    def _unknown(self) -> None:
+        """Not a published key or open token: 404, or 429 for a client over its limit of misses.
+
+        Known keys and tokens are always answered, whoever asks: behind a reverse proxy every
+        client (the provider too) shares one address, and guessers must not lock the provider out.
+        """
+        if self.host._limiter.refused(self.client_address[0], time.monotonic()):
+            self._refuse()
+        else:
+            self._not_found()
+
+    def _refuse(self) -> None:
         self.send_response(429)
         self.send_header("Retry-After", str(int(MISS_WINDOW)))
         self.send_header("Content-Length", "0")
         self.send_header("Connection", "close")
         self.end_headers()
         self.close_connection = True
-        return True
 
     def _not_found(self) -> None:
         client = self.client_address[0]
