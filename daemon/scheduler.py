@@ -14,14 +14,12 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import structlog
 
-from . import retry, stages
+from . import recovery, retry, stages
 from .api import PollVerdict, SubmitVerdict
 from .journal import FINAL_STATES, IN_FLIGHT_STATES, Job, JobState, StaleTransition
-from .outbox import remove_temporaries
 from .pacing import NO_BALANCE, SubmitGate, full_jitter, next_poll_time
 from .watcher import InboxWatcher
 
@@ -87,7 +85,7 @@ class Scheduler:
     def run(self) -> None:
         """Recover what a previous run left, then loop until `stop()`; clean-up in `finally`."""
         try:
-            self.recover()
+            recovery.recover(self.ctx)
         except Exception as exc:  # noqa: BLE001 - e.g. failed/ not writable: the loop retries those jobs
             log.error("recover.error", error=f"{type(exc).__name__}: {exc}", exc_info=True)
         self.last_pass = self.clock()  # recovery may have been long; the loop starts now
@@ -151,58 +149,6 @@ class Scheduler:
         return not self._running
 
     # ------------------------------------------------------------------ steps
-
-    def recover(self) -> None:
-        """Put every job a previous run left mid-way back on a path that continues it.
-
-        Each job on its own: one that cannot be recovered now (the inbox not mounted yet, a disk
-        error) is logged and left where the loop picks it up, and never stops the others.
-        """
-        journal = self.ctx.journal
-        for job in journal.jobs_in(JobState.PUBLISHING):
-            self._recover_one(job, self._recover_publishing)
-        for job in journal.jobs_in(JobState.SUBMITTING):
-            self._recover_one(job, self._recover_submitting)
-        keep = {job.hosted_key for job in journal.jobs_in(JobState.SUBMITTED) if job.hosted_key}
-        for job in journal.jobs_in(JobState.SUBMITTED):
-            self._recover_one(job, self._recover_submitted)
-        try:
-            swept = self.ctx.host.sweep(keep)
-        except Exception as exc:  # noqa: BLE001 - orphans wait for the next start (and the lifecycle rule)
-            log.warning("hosting.sweep_failed", error=f"{type(exc).__name__}: {exc}")
-            swept = 0
-        removed = sum(remove_temporaries(p) for p in (self.ctx.folders.outbox, self.ctx.folders.archive,
-                                                       self.ctx.folders.failed))
-        if swept or removed:
-            log.info("recover.cleaned", orphans_unpublished=swept, temporary_files_removed=removed)
-
-    def _recover_one(self, job: Job, step: Callable[[Job], None]) -> None:
-        try:
-            step(job)
-        except Exception as exc:  # noqa: BLE001 - the loop's own steps carry the job on later
-            log.warning("recover.job_error", rel_path=job.rel_path, job_id=job.id, state=job.state.value,
-                        error=f"{type(exc).__name__}: {exc}")
-
-    def _recover_publishing(self, job: Job) -> None:
-        stages.unpublish(self.ctx, job)
-        self.ctx.journal.transition(job, JobState.PENDING, "restart: publish again", hosted_key=None)
-
-    def _recover_submitting(self, job: Job) -> None:
-        self.ctx.journal.add_to_counter("ambiguous_at_restart")
-        log.warning("job.ambiguous_at_restart", rel_path=job.rel_path, job_id=job.id)
-        stages.fail(self.ctx, job, "submit_ambiguous",
-                    "the daemon stopped while this file's submit was being sent; it is not resent "
-                    "automatically so it cannot be paid for twice. " + stages.RESEND_HINT)
-
-    def _recover_submitted(self, job: Job) -> None:
-        """The provider may not have fetched the scan yet: serve it again under the same key."""
-        if job.hosted_key and job.upload_path:
-            try:
-                self.ctx.host.publish(job.hosted_key, Path(job.upload_path),
-                                      "image/png" if job.hosted_key.endswith(".png") else "image/jpeg")
-            except Exception as exc:  # noqa: BLE001 - a missing file only fails that job's fetch
-                log.warning("file.republish_failed", rel_path=job.rel_path, job_id=job.id, error=str(exc))
-        log.info("job.resumed", rel_path=job.rel_path, job_id=job.id, request_id=job.request_id)
 
     def collect_finished(self) -> None:
         """Hear back from finished stages: free their job, update the gate and the poll clocks."""

@@ -133,7 +133,7 @@ def test_one_job_that_cannot_be_recovered_does_not_stop_the_others(folders, emul
                                                                    captured_logs):
     """Recovery is per job: a job whose recovery fails (the inbox not mounted yet, a disk error)
     is left for the loop, and every other job is still carried on."""
-    from daemon import stages
+    from daemon import recovery
     from daemon.journal import Journal, JobState
     from daemon.service import Service, journal_path
     from daemon.config import Secret
@@ -153,11 +153,11 @@ def test_one_job_that_cannot_be_recovered_does_not_stop_the_others(folders, emul
 
     def failing_fail(ctx, job, kind, reason, **kwargs):
         raise OSError(5, "Input/output error")
-    monkeypatch.setattr(stages, "fail", failing_fail)
+    monkeypatch.setattr(recovery, "fail", failing_fail)
     service = Service(config, Secret("k"))
     service.start()
     try:
-        service.scheduler.recover()
+        recovery.recover(service.scheduler.ctx)
         assert service.host.published_count() == 1, "the submitted job is served again"
         assert any(e["event"] == "recover.job_error" and e["job_id"] == stuck.id for e in captured_logs)
         assert any(e["event"] == "job.resumed" for e in captured_logs)

@@ -1,0 +1,76 @@
+"""What a restart does first: carry on every job a previous run left mid-way.
+
+PUBLISHING goes back to PENDING (published again later); SUBMITTING is the ambiguous window and
+goes to failed/ with the reason, never resent; SUBMITTED is served again under the same key and
+polling resumes. Then orphans of a crash are swept from the host and temporary files removed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import structlog
+
+from .journal import Job, JobState
+from .outbox import remove_temporaries
+from .stages import RESEND_HINT, Context, fail, unpublish
+
+log = structlog.get_logger("daemon.recovery")
+
+
+def recover(ctx: Context) -> None:
+    """Put every job a previous run left mid-way back on a path that continues it.
+
+    Each job on its own: one that cannot be recovered now (the inbox not mounted yet, a disk
+    error) is logged and left where the loop picks it up, and never stops the others.
+    """
+    journal = ctx.journal
+    for job in journal.jobs_in(JobState.PUBLISHING):
+        _recover_one(ctx, job, _recover_publishing)
+    for job in journal.jobs_in(JobState.SUBMITTING):
+        _recover_one(ctx, job, _recover_submitting)
+    keep = {job.hosted_key for job in journal.jobs_in(JobState.SUBMITTED) if job.hosted_key}
+    for job in journal.jobs_in(JobState.SUBMITTED):
+        _recover_one(ctx, job, _recover_submitted)
+    try:
+        swept = ctx.host.sweep(keep)
+    except Exception as exc:  # noqa: BLE001 - orphans wait for the next start (and the lifecycle rule)
+        log.warning("hosting.sweep_failed", error=f"{type(exc).__name__}: {exc}")
+        swept = 0
+    removed = sum(remove_temporaries(p) for p in (ctx.folders.outbox, ctx.folders.archive,
+                                                   ctx.folders.failed))
+    if swept or removed:
+        log.info("recover.cleaned", orphans_unpublished=swept, temporary_files_removed=removed)
+
+
+def _recover_one(ctx: Context, job: Job, step: Callable[[Context, Job], None]) -> None:
+    try:
+        step(ctx, job)
+    except Exception as exc:  # noqa: BLE001 - the loop's own steps carry the job on later
+        log.warning("recover.job_error", rel_path=job.rel_path, job_id=job.id, state=job.state.value,
+                    error=f"{type(exc).__name__}: {exc}")
+
+
+def _recover_publishing(ctx: Context, job: Job) -> None:
+    unpublish(ctx, job)
+    ctx.journal.transition(job, JobState.PENDING, "restart: publish again", hosted_key=None)
+
+
+def _recover_submitting(ctx: Context, job: Job) -> None:
+    ctx.journal.add_to_counter("ambiguous_at_restart")
+    log.warning("job.ambiguous_at_restart", rel_path=job.rel_path, job_id=job.id)
+    fail(ctx, job, "submit_ambiguous",
+                "the daemon stopped while this file's submit was being sent; it is not resent "
+                "automatically so it cannot be paid for twice. " + RESEND_HINT)
+
+
+def _recover_submitted(ctx: Context, job: Job) -> None:
+    """The provider may not have fetched the scan yet: serve it again under the same key."""
+    if job.hosted_key and job.upload_path:
+        try:
+            ctx.host.publish(job.hosted_key, Path(job.upload_path),
+                                  "image/png" if job.hosted_key.endswith(".png") else "image/jpeg")
+        except Exception as exc:  # noqa: BLE001 - a missing file only fails that job's fetch
+            log.warning("file.republish_failed", rel_path=job.rel_path, job_id=job.id, error=str(exc))
+    log.info("job.resumed", rel_path=job.rel_path, job_id=job.id, request_id=job.request_id)
