@@ -55,6 +55,8 @@ class Context:
     """True once a stop was requested: no new submit is started after that."""
     poll_now: Callable[[int], None] = lambda job_id: None
     """Asks the scheduler to poll a job at once (the provider's webhook said it changed)."""
+    watched_inbox: tuple[int, int] | None = None
+    """(device, inode) of the inbox folder the watcher watches, kept current by the scheduler."""
     prechecked: dict[int, tuple[PreflightResult, int, int]] = field(default_factory=dict)
     """Preflight results of pending jobs, checked ahead of their slot: (result, size, mtime_ns)."""
 
@@ -270,8 +272,13 @@ def require_inbox(ctx: Context) -> None:
 
     A share unmounted or a disk pulled is no reason to drop the job or skip its archiving: raised
     from a stage, the scheduler keeps the job and retries it later. The watcher's verdict (recorded
-    in the journal) also covers an unmounted share whose empty mount point still looks like a folder.
+    in the journal) also covers an unmounted share whose empty mount point still looks like a folder,
+    and so, before the watcher has noticed, does comparing the folder with the one it watches: an
+    unmounted share leaves the mount point, another folder, in its place.
     """
-    reason = ctx.journal.get_meta("inbox_unavailable") or probe_inbox(ctx.inbox)[1]
+    identity, reason = probe_inbox(ctx.inbox)
+    reason = ctx.journal.get_meta("inbox_unavailable") or reason
+    if reason is None and ctx.watched_inbox is not None and identity != ctx.watched_inbox:
+        reason = "the folder at its path is not the one being watched (a share unmounted?)"
     if reason is not None:
         raise InboxUnavailable(f"the inbox is unavailable ({reason}); the job waits for it")

@@ -232,6 +232,7 @@ class Scheduler:
     def watch_inbox(self) -> None:
         """Keep the watcher watching (a dead observer, a vanished inbox) and record the inbox's state."""
         self.watcher.check_health()
+        self.ctx.watched_inbox = self.watcher.identity
         reason = self.watcher.unavailable_reason
         if reason != self._inbox_state_recorded:
             self.ctx.journal.set_meta("inbox_unavailable", reason)

@@ -194,6 +194,11 @@ class InboxWatcher:
         return self._unavailable_reason
 
     @property
+    def identity(self) -> tuple[int, int] | None:
+        """(device, inode) of the inbox folder being watched; None while it is unavailable."""
+        return self._identity if self.available else None
+
+    @property
     def observer(self) -> BaseObserver | None:
         """The running watchdog observer (None while the inbox is unavailable or none could start)."""
         return self._observer

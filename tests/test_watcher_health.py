@@ -159,3 +159,25 @@ def test_polling_mode_takes_moved_in_and_slowly_written_files(tmp_path, folders,
     wait_for(lambda: all_archived(folders, 2), 15, what="both restored")
     assert_each_restored_once(folders, ["moved in.jpg", "album/slow.jpg"])
     assert [j["fetched_size"] for j in emulator.stats()["jobs"]].count(len(data)) == 1  # whole, never half
+
+
+def test_a_missing_file_under_a_replaced_inbox_folder_is_not_vanished(tmp_path):
+    """Between an unmount and the watcher's next look, the empty mount point is another folder:
+    a job whose file is missing there waits (InboxUnavailable) instead of ending vanished."""
+    import pytest
+
+    from daemon.finishing import Context, InboxUnavailable, require_inbox
+    from daemon.journal import Journal
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    st = inbox.stat()
+    journal = Journal(tmp_path / "journal.sqlite3")
+    ctx = Context(config=None, journal=journal, host=None, api=None, folders=None, inbox=inbox,
+                  staging=tmp_path / "staging", watched_inbox=(st.st_dev, st.st_ino))
+    require_inbox(ctx)  # the watched folder: a missing file there really is gone
+    inbox.rename(tmp_path / "share-contents")
+    inbox.mkdir()  # what an unmount leaves: an empty folder at the same path
+    with pytest.raises(InboxUnavailable, match="not the one being watched"):
+        require_inbox(ctx)
+    journal.close()
