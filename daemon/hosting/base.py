@@ -8,9 +8,12 @@ publishing, so a crash can never leave an object the daemon does not know about.
 from __future__ import annotations
 
 import abc
+import os
 import secrets
+import stat
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 KEY_BYTES = 32
 """256 random bits per published file: unguessable, and carries nothing of the original name."""
@@ -23,6 +26,35 @@ class HostingError(Exception):
 def new_key(suffix: str) -> str:
     """A fresh random object key such as 'Zx3…Q.png'; the suffix only helps content sniffing."""
     return secrets.token_urlsafe(KEY_BYTES) + suffix
+
+
+def open_regular_file(path: Path) -> BinaryIO | None:
+    """`path` itself opened for reading, or None if it is gone or is a link, folder or device.
+
+    Links are never followed, so a published path swapped for one is never read through; and
+    O_NONBLOCK keeps a FIFO swapped in from hanging the reader (it changes nothing for files).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return os.fdopen(fd, "rb")
+
+
+def open_for_upload(path: Path) -> BinaryIO:
+    """`path` opened for publishing; HostingError unless it is a regular file and not a link."""
+    f = open_regular_file(path)
+    if f is None:
+        raise HostingError(f"cannot publish {path}: not a regular file (links are never published)")
+    return f
+
+
+def check_regular_file(path: Path) -> None:
+    """HostingError unless `path` is a regular file and not a link (for whoever reads it later)."""
+    open_for_upload(path).close()
 
 
 def key_for_logs(key: str) -> str:

@@ -13,11 +13,9 @@ files and open webhook tokens are still served to every client.
 from __future__ import annotations
 
 import http.server
-import os
 import re
 import socket
 import ssl
-import stat
 import threading
 import time
 from collections.abc import Callable
@@ -27,7 +25,7 @@ from typing import BinaryIO
 import structlog
 
 from ..config import BuiltinHostConfig, parse_listen
-from .base import HostingAdapter, HostingError, key_for_logs
+from .base import HostingAdapter, HostingError, check_regular_file, key_for_logs, open_regular_file
 
 log = structlog.get_logger("daemon.hosting.builtin")
 
@@ -144,7 +142,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._unknown()
             return
         path, content_type = entry
-        f = _open_regular_file(path)
+        f = open_regular_file(path)
         if f is None:
             self._not_found()
             return
@@ -222,19 +220,6 @@ def _copy_exactly(source: BinaryIO, target: BinaryIO, length: int) -> None:
         length -= len(chunk)
 
 
-def _open_regular_file(path: Path) -> BinaryIO | None:
-    """The published file itself, or None if it is gone or is now a link, folder or device."""
-    try:
-        # O_NONBLOCK: a FIFO swapped in cannot hang the server; it changes nothing for regular files.
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        return None
-    return os.fdopen(fd, "rb")
-
-
 class BuiltinHost(HostingAdapter):
     """Serves published files from memory-held registrations; nothing survives a restart by design."""
 
@@ -300,8 +285,7 @@ class BuiltinHost(HostingAdapter):
         return context
 
     def publish(self, key: str, path: Path, content_type: str) -> str:
-        if Path(path).is_symlink() or not Path(path).is_file():
-            raise HostingError(f"cannot publish {path}: not a regular file (links are never published)")
+        check_regular_file(path)
         with self._lock:
             self._files[key] = (Path(path), content_type)
         return f"{self.public_url}/{key}"

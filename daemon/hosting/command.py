@@ -24,8 +24,8 @@ from urllib.parse import urlsplit
 import structlog
 
 from ..config import API_KEY_ENV, CommandHostConfig
-from .base import HostingAdapter, HostingError, key_for_logs
-from .remote import check_regular_file, tail
+from .base import HostingAdapter, HostingError, check_regular_file, key_for_logs
+from .remote import tail
 
 log = structlog.get_logger("daemon.hosting.command")
 

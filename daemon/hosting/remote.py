@@ -9,12 +9,9 @@ systemd credentials and are registered for masking the moment they are read.
 from __future__ import annotations
 
 import math
-import os
 import re
-import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import BinaryIO
 
 import structlog
 
@@ -46,23 +43,6 @@ def remove_orphans(host: HostingAdapter, names: Iterable[str], keep: set[str]) -
         except HostingError as exc:
             log.warning("hosting.sweep_failed", adapter=host.name, key=key_for_logs(name), error=str(exc))
     return removed
-
-
-def open_for_upload(path: Path) -> BinaryIO:
-    """The file to upload, opened without following links; HostingError if it is not a regular file."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError as exc:
-        raise HostingError(f"cannot publish {path}: {exc.strerror} (links are never published)") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise HostingError(f"cannot publish {path}: not a regular file")
-    return os.fdopen(fd, "rb")
-
-
-def check_regular_file(path: Path) -> None:
-    """HostingError unless `path` is a regular file and not a link (for programs that read it themselves)."""
-    open_for_upload(path).close()
 
 
 def read_secret(path: Path, key: str) -> str:

@@ -24,8 +24,8 @@ from typing import Any
 import structlog
 
 from ..config import S3HostConfig
-from .base import HostingAdapter, HostingError, key_for_logs
-from .remote import open_for_upload, read_credential, remove_orphans, tail
+from .base import HostingAdapter, HostingError, key_for_logs, open_for_upload
+from .remote import read_credential, remove_orphans, tail
 
 log = structlog.get_logger("daemon.hosting.s3")
 

@@ -23,8 +23,8 @@ from requests.adapters import HTTPAdapter
 from urllib3.util import Retry
 
 from ..config import WebdavHostConfig
-from .base import HostingAdapter, HostingError, key_for_logs
-from .remote import open_for_upload, read_credential, read_secret, remove_orphans, tail
+from .base import HostingAdapter, HostingError, key_for_logs, open_for_upload
+from .remote import read_credential, read_secret, remove_orphans, tail
 
 log = structlog.get_logger("daemon.hosting.webdav")
 
