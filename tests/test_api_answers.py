@@ -37,6 +37,17 @@ def error_record(folders, name: str) -> dict:
     return json.loads((folders["failed"] / f"{name}.error.json").read_text(encoding="utf-8"))
 
 
+def failure_record(folders, name: str, timeout: float = 20) -> dict:
+    """Wait until `name` is explained in failed/, and return its .error.json."""
+    wait_for(lambda: (folders["failed"] / f"{name}.error.json").exists(), timeout, what=f"{name} in failed/")
+    return error_record(folders, name)
+
+
+def wait_for_status(config, text: str) -> None:
+    """`status` says `text` (jobs reach their final state just after their files move)."""
+    wait_for(lambda: text in status_text(config), 5, what=f"status: {text}")
+
+
 def events(logs, name: str) -> list[dict]:
     return [e for e in logs if e["event"] == name]
 
@@ -148,7 +159,7 @@ def test_a_rate_limited_gateway_completes_every_file_without_failures(
     assert not visible_files(folders["failed"])
     assert events(captured_logs, "submits.rate_limited")
     assert not events(captured_logs, "job.failed")
-    wait_for(lambda: "jobs: done 6" in status_text(config), 5, what="status: done 6")
+    wait_for_status(config, "jobs: done 6")
 
 
 # --------------------------------------------------------------------------- 5xx, connection errors, timeouts
@@ -162,17 +173,16 @@ def test_server_errors_are_retried_and_then_explained_with_their_history(
     drop(folders["inbox"], "flaky.jpg")
     wait_for(lambda: outputs(folders) == ["flaky.png"], 20, what="restored after two 500s")
     assert emulator.stats()["submits_received"] == 3 and emulator.stats()["submits_accepted"] == 1
-    wait_for(lambda: "jobs: done 1" in status_text(config), 5, what="status: done")
+    wait_for_status(config, "jobs: done 1")
 
     emulator.inject("submit_500", 100)
     drop(folders["inbox"], "down.jpg")
-    wait_for(lambda: (folders["failed"] / "down.jpg.error.json").exists(), 30, what="failed after 3 attempts")
-    record = error_record(folders, "down.jpg")
+    record = failure_record(folders, "down.jpg", 30)
     assert record["stage"] == "attempts_exhausted" and "HTTP 500" in record["reason"]
     assert record["submit_attempts"] == 3
     assert sum("HTTP 500" in (step["detail"] or "") for step in record["history"]) == 3
     assert emulator.stats()["submits_received"] == 6 and emulator.stats()["submits_accepted"] == 1
-    wait_for(lambda: "down.jpg" in status_text(config), 5, what="status: " + "down.jpg")
+    wait_for_status(config, "down.jpg")
 
 
 def test_an_unreachable_provider_is_retried_and_then_explained(folders, emulator, make_config, run_daemon):
@@ -181,11 +191,10 @@ def test_an_unreachable_provider_is_retried_and_then_explained(folders, emulator
                               "max_attempts": 2, "connect_timeout": 0.5})
     run_daemon(config)
     drop(folders["inbox"], "scan.jpg")
-    wait_for(lambda: (folders["failed"] / "scan.jpg.error.json").exists(), 30, what="failed after 2 attempts")
-    record = error_record(folders, "scan.jpg")
+    record = failure_record(folders, "scan.jpg", 30)
     assert record["stage"] == "attempts_exhausted" and "not sent" in record["reason"]
     assert (folders["failed"] / "scan.jpg").exists()
-    wait_for(lambda: "scan.jpg: gave up after 2 attempts" in status_text(config), 5, what="status: " + "scan.jpg: gave up after 2 attempts")
+    wait_for_status(config, "scan.jpg: gave up after 2 attempts")
 
 
 def test_a_submit_whose_answer_times_out_is_never_resent(folders, emulator, make_config, run_daemon):
@@ -194,12 +203,11 @@ def test_a_submit_whose_answer_times_out_is_never_resent(folders, emulator, make
     config = make_config(api={"read_timeout": 0.5})
     run_daemon(config)
     drop(folders["inbox"], "lost.jpg")
-    wait_for(lambda: (folders["failed"] / "lost.jpg.error.json").exists(), 20, what="the ambiguous failure")
-    record = error_record(folders, "lost.jpg")
+    record = failure_record(folders, "lost.jpg")
     assert record["stage"] == "submit_ambiguous" and "retry" in record["reason"]
     time.sleep(1.0)
     assert emulator.stats()["submits_received"] == 1, "never resent: it may have been paid for"
-    wait_for(lambda: "lost.jpg: the submit may have reached the provider" in status_text(config), 5, what="status: " + "lost.jpg: the submit may have reached the provider")
+    wait_for_status(config, "lost.jpg: the submit may have reached the provider")
 
 
 # --------------------------------------------------------------------------- 400
@@ -218,7 +226,7 @@ def test_bad_requests_fail_at_once_and_a_run_of_them_points_at_the_configuration
     assert emulator.stats()["submits_received"] == 3, "no retries"
     [hint] = events(captured_logs, "submits.all_rejected")
     assert "configuration" in hint["hint"]
-    wait_for(lambda: "Model not found" in status_text(config), 5, what="status: " + "Model not found")
+    wait_for_status(config, "Model not found")
 
 
 # --------------------------------------------------------------------------- the job's outcome
@@ -229,12 +237,11 @@ def test_a_failed_job_goes_to_failed_with_the_providers_words(folders, emulator,
     config = make_config()
     run_daemon(config)
     drop(folders["inbox"], "face.jpg")
-    wait_for(lambda: (folders["failed"] / "face.jpg.error.json").exists(), 20, what="the failure")
-    record = error_record(folders, "face.jpg")
+    record = failure_record(folders, "face.jpg")
     assert record["stage"] == "provider_failed"
     assert record["api_error"] == "Injected failure: face restoration failed" and record["request_id"]
     assert emulator.stats()["submits_accepted"] == 1
-    wait_for(lambda: "face.jpg" in status_text(config), 5, what="status: " + "face.jpg")
+    wait_for_status(config, "face.jpg")
 
 
 def test_a_system_error_is_resubmitted_up_to_max_attempts(folders, emulator, make_config, run_daemon):
@@ -244,15 +251,14 @@ def test_a_system_error_is_resubmitted_up_to_max_attempts(folders, emulator, mak
     drop(folders["inbox"], "once.jpg")
     wait_for(lambda: outputs(folders) == ["once.png"], 20, what="restored on the second submit")
     assert emulator.stats()["submits_accepted"] == 2
-    wait_for(lambda: "jobs: done 1" in status_text(config), 5, what="status: done")
+    wait_for_status(config, "jobs: done 1")
 
     emulator.inject("outcome_error", 3)
     drop(folders["inbox"], "always.jpg")
-    wait_for(lambda: (folders["failed"] / "always.jpg.error.json").exists(), 30, what="given up")
-    record = error_record(folders, "always.jpg")
+    record = failure_record(folders, "always.jpg", 30)
     assert record["stage"] == "attempts_exhausted" and "system error" in record["reason"]
     assert emulator.stats()["submits_accepted"] == 5
-    wait_for(lambda: "always.jpg: gave up after 3 attempts" in status_text(config), 5, what="status: " + "always.jpg: gave up after 3 attempts")
+    wait_for_status(config, "always.jpg: gave up after 3 attempts")
 
 
 def test_a_job_the_provider_holds_too_long_fails_with_that_reason(folders, emulator, make_config, run_daemon):
@@ -260,11 +266,10 @@ def test_a_job_the_provider_holds_too_long_fails_with_that_reason(folders, emula
     config = make_config(api={"job_timeout": 1.5, "poll_interval": 0.2})
     run_daemon(config)
     drop(folders["inbox"], "slow.jpg")
-    wait_for(lambda: (folders["failed"] / "slow.jpg.error.json").exists(), 20, what="the timeout")
-    record = error_record(folders, "slow.jpg")
+    record = failure_record(folders, "slow.jpg")
     assert record["stage"] == "timeout" and "api.job_timeout" in record["reason"]
     assert emulator.stats()["submits_accepted"] == 1
-    wait_for(lambda: "slow.jpg: still" in status_text(config), 5, what="status: " + "slow.jpg: still")
+    wait_for_status(config, "slow.jpg: still")
 
 
 def test_a_malformed_status_answer_is_transient_and_logged_with_an_excerpt(
@@ -278,7 +283,7 @@ def test_a_malformed_status_answer_is_transient_and_logged_with_an_excerpt(
     noise = events(captured_logs, "job.poll_error")
     assert len(noise) == 3 and all("<html>" in e["error"] and len(e["error"]) < 300 for e in noise)
     assert emulator.stats()["submits_accepted"] == 1
-    wait_for(lambda: "jobs: done 1" in status_text(config), 5, what="status: done")
+    wait_for_status(config, "jobs: done 1")
 
 
 # --------------------------------------------------------------------------- downloading the result
@@ -291,7 +296,7 @@ def test_a_failed_download_is_retried(folders, emulator, make_config, run_daemon
     drop(folders["inbox"], "scan.jpg")
     wait_for(lambda: outputs(folders) == ["scan.png"], 30, what="restored on the third download")
     assert emulator.stats()["submits_accepted"] == 1
-    wait_for(lambda: "jobs: done 1" in status_text(config), 5, what="status: done")
+    wait_for_status(config, "jobs: done 1")
 
 
 def test_a_result_that_is_not_an_image_is_never_delivered(folders, emulator, make_config, run_daemon):
@@ -299,22 +304,20 @@ def test_a_result_that_is_not_an_image_is_never_delivered(folders, emulator, mak
     run_daemon(config)
     emulator.inject("media_garbage", 2)
     drop(folders["inbox"], "scan.jpg")
-    wait_for(lambda: (folders["failed"] / "scan.jpg.error.json").exists(), 30, what="the failure")
-    assert "not a readable image" in error_record(folders, "scan.jpg")["reason"]
+    assert "not a readable image" in failure_record(folders, "scan.jpg", 30)["reason"]
     assert not visible_files(folders["outbox"])
     assert emulator.stats()["submits_accepted"] == 1
-    wait_for(lambda: "scan.jpg: could not fetch the result after 2 attempt(s)" in status_text(config), 5, what="status: " + "scan.jpg: could not fetch the result after 2 attempt(s)")
+    wait_for_status(config, "scan.jpg: could not fetch the result after 2 attempt(s)")
 
 
 def test_a_result_over_the_size_cap_is_refused_without_retrying(folders, emulator, make_config, run_daemon):
     config = make_config(api={"max_download_mb": 1}, restore={"upscale": 4})
     run_daemon(config)
     drop(folders["inbox"], "big.jpg", size=(640, 480))
-    wait_for(lambda: (folders["failed"] / "big.jpg.error.json").exists(), 30, what="the refusal")
-    assert "api.max_download_mb" in error_record(folders, "big.jpg")["reason"]
+    assert "api.max_download_mb" in failure_record(folders, "big.jpg", 30)["reason"]
     assert not visible_files(folders["outbox"])
     assert emulator.stats()["media_downloads"] == 1
-    wait_for(lambda: "big.jpg: could not fetch the result after 1 attempt(s)" in status_text(config), 5, what="status: " + "big.jpg: could not fetch the result after 1 attempt(s)")
+    wait_for_status(config, "big.jpg: could not fetch the result after 1 attempt(s)")
 
 
 def test_a_media_url_that_is_not_http_is_never_followed(folders, emulator, make_config, run_daemon):
@@ -322,11 +325,10 @@ def test_a_media_url_that_is_not_http_is_never_followed(folders, emulator, make_
     config = make_config()
     run_daemon(config)
     drop(folders["inbox"], "scan.jpg")
-    wait_for(lambda: (folders["failed"] / "scan.jpg.error.json").exists(), 20, what="the refusal")
-    record = error_record(folders, "scan.jpg")
+    record = failure_record(folders, "scan.jpg")
     assert "non-http(s)" in record["reason"] and not visible_files(folders["outbox"])
     assert emulator.stats()["submits_accepted"] == 1
-    wait_for(lambda: "scan.jpg: could not fetch the result" in status_text(config), 5, what="status: " + "scan.jpg: could not fetch the result")
+    wait_for_status(config, "scan.jpg: could not fetch the result")
 
 
 def test_a_job_finished_while_the_daemon_was_down_past_job_timeout_is_delivered_not_timed_out(
