@@ -40,10 +40,12 @@ MEDIA_PREFIX = "/media/"
 MEDIA_NAME = "/output.png"
 KEY_HEADER = "Ocp-Apim-Subscription-Key"
 FAULT_KINDS = ("submit_500", "submit_timeout", "poll_500", "poll_garbage", "media_500", "media_garbage",
-               "outcome_failed", "outcome_error", "outcome_bad_media_url")
+               "outcome_failed", "outcome_error", "outcome_bad_media_url", "outcome_oversized")
 """submit_timeout: the job is accepted (and charged) but the answer is held back `hang_seconds`, past
 the client's read timeout. *_garbage: a 200 whose body is not what it should be (HTML, not an
-image). outcome_bad_media_url: the job completes with a media_url that is not http(s)."""
+image). outcome_bad_media_url: the job completes with a media_url that is not http(s).
+outcome_oversized: the result is OVERSIZE_FACTOR times larger on each side than `upscale` asked for."""
+OVERSIZE_FACTOR = 4
 GARBAGE = b"<html><body><h1>502 Bad Gateway</h1>upstream sent nonsense</body></html>"
 WEBHOOK_EVENTS = ("start", "output", "logs", "completed")
 FETCH_TIMEOUT = 10.0
@@ -214,6 +216,7 @@ SETTING_CHECKS = {
     "model_disabled": lambda v: isinstance(v, bool),
     "revoked_keys": lambda v: isinstance(v, list) and all(isinstance(k, str) for k in v),
     "hang_seconds": lambda v: is_number(v) and v >= 0,
+    "fetch_delay": lambda v: is_number(v) and v >= 0,
 }
 
 
@@ -292,6 +295,8 @@ class GatewayEmulator:
         self.revoked_keys: set[str] = set()
         self.hang_seconds = 30.0
         """How long an injected submit_timeout holds its answer back."""
+        self.fetch_delay = 0.0
+        """Seconds a job spends PROCESSING before the gateway fetches its input (a busy provider)."""
         self._jobs: dict[str, Job] = {}
         self._faults = dict.fromkeys(FAULT_KINDS, 0)
         self._counts = dict.fromkeys(("submits_received", "submits_accepted", "polls",
@@ -367,7 +372,7 @@ class GatewayEmulator:
         return {"latency": self.latency, "max_concurrent": self.max_concurrent,
                 "balance": self.balance, "rate_limit": self.rate_limit,
                 "model_disabled": self.model_disabled, "revoked_keys": sorted(self.revoked_keys),
-                "hang_seconds": self.hang_seconds}
+                "hang_seconds": self.hang_seconds, "fetch_delay": self.fetch_delay}
 
     def inject(self, kind: str, count: int = 1) -> None:
         """Make the next `count` matching events fail the way `kind` names."""
@@ -398,6 +403,12 @@ class GatewayEmulator:
             for digest in (j.fetched_sha256 for j in self._jobs.values() if j.fetched_sha256):
                 counts[digest] = counts.get(digest, 0) + 1
         return counts
+
+    def forget(self, request_id: str) -> None:
+        """Drop a job as a provider purging old requests does: its status is 404 from now on."""
+        with self._changed:
+            self._jobs.pop(request_id, None)
+            self._changed.notify_all()
 
     def wait_idle(self, timeout: float) -> bool:
         """True once no job is queued or processing and no webhook call is in flight."""
@@ -529,6 +540,8 @@ class GatewayEmulator:
         seconds however busy the machine's CPU is (unless rendering alone takes longer).
         """
         finish_at = time.monotonic() + latency
+        if self.fetch_delay and self._stopping.wait(self.fetch_delay):
+            return None
         fetched = fetch_input(job.image_url)
         if isinstance(fetched, str):
             return self._finish(job, JobStatus.FAILED, fetched)
@@ -538,9 +551,11 @@ class GatewayEmulator:
         if isinstance(image, str):
             return self._finish(job, JobStatus.FAILED, image)
         path = os.path.join(self._output_dir, f"{job.request_id}.png")
+        with self._lock:
+            scale = job.params["upscale"] * (OVERSIZE_FACTOR if self._take_fault_locked("outcome_oversized") else 1)
         try:
             with open(path, "wb") as out:
-                out.write(render_output(image, job.params["upscale"]))
+                out.write(render_output(image, scale))
             rendered = None
         except Exception as exc:
             rendered = f"Rendering failed: {exc}"

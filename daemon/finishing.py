@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import BinaryIO
 
 import structlog
 from PIL import Image
@@ -27,7 +28,7 @@ from .journal import Job, Journal, JobState, StaleTransition
 from .logging import mask_secrets
 from .outbox import Folders, claim_name, finish_temp, free_name, move_to, temporary_file, write_json_atomically
 from .pacing import full_jitter
-from .preflight import PreflightResult
+from .preflight import PreflightResult, is_environment_fault, sha256_of
 from .watcher import probe_inbox
 
 log = structlog.get_logger("daemon.finishing")
@@ -80,9 +81,8 @@ def changed_since_taken(source: Path, job: Job) -> bool:
 
 def deliver(ctx: Context, job: Job) -> None:
     """DOWNLOADING -> result into the outbox (atomically) -> DELIVERING -> archive -> DONE."""
-    if job.output_path and Path(job.output_path).exists():
-        output = Path(job.output_path)  # placed before a crash, not yet recorded as delivered
-    else:
+    output = placed_output(job)  # placed before a crash, not yet recorded as delivered
+    if output is None:
         output = _download_into_outbox(ctx, job)
         if output is None:
             return
@@ -94,35 +94,101 @@ def deliver(ctx: Context, job: Job) -> None:
 
 
 def _download_into_outbox(ctx: Context, job: Job) -> Path | None:
-    wanted = ctx.folders.output_path(job.rel_path)
     max_bytes = int(ctx.config.api.max_download_mb * 1024 * 1024)
     started = time.monotonic()
     # Errors writing the outbox (disk full, read-only) are not caught here: they reach the
     # scheduler, which keeps the job and tries again later, however long the fault lasts.
-    with temporary_file(wanted.parent) as (temp, f):
-        try:
-            size = ctx.api.download(job.media_url, f, max_bytes)
-        except DownloadError as exc:
-            _download_failed(ctx, job, str(exc), exc.retryable)
-            return None
-        finish_temp(f)
-        try:
-            converted = decode_result(temp)
-        except (OSError, SyntaxError, ValueError) as exc:  # the bytes on disk are complete: a bad result
-            _download_failed(ctx, job, f"the result is not a readable image: {exc}", retryable=True)
-            return None
-        if converted is not None:
-            rewrite_as_png(temp, converted)
-        output = place_output(ctx, job, temp, wanted)
-    log.info("job.downloaded", rel_path=job.rel_path, job_id=job.id, bytes=size,
+    try:
+        output = write_result(ctx, job, lambda f: ctx.api.download(job.media_url, f, max_bytes))
+    except (DownloadError, BadResult) as exc:
+        _download_failed(ctx, job, str(exc), exc.retryable)
+        return None
+    log.info("job.downloaded", rel_path=job.rel_path, job_id=job.id, bytes=output.stat().st_size,
              duration=round(time.monotonic() - started, 3))
     return output
 
 
+class BadResult(Exception):
+    """The provider's result is not fit to deliver; `retryable` says whether fetching it again may help."""
+
+    def __init__(self, reason: str, retryable: bool) -> None:
+        super().__init__(reason)
+        self.retryable = retryable
+
+
+def result_pixel_cap(config: Config, params: dict) -> int:
+    """The most pixels a result may have: what preflight lets in, times the requested upscale squared."""
+    upscale = params.get("upscale", 1)
+    return config.preflight.max_pixels * max(1, int(upscale) if isinstance(upscale, (int, float)) else 1) ** 2
+
+
+def write_result(ctx: Context, job: Job, fill: Callable[[BinaryIO], object]) -> Path:
+    """The result, written by `fill`, checked and placed in the outbox under a free name recorded first.
+
+    Raises BadResult for a result that is no image or is over the pixel cap; whatever `fill`
+    raises (a failed download) passes through. Nothing is left in the outbox unless it is placed.
+    """
+    wanted = ctx.folders.output_path(job.rel_path)
+    with temporary_file(wanted.parent) as (temp, f):
+        fill(f)
+        finish_temp(f)
+        converted = check_result(temp, result_pixel_cap(ctx.config, job.params))
+        if converted is not None:
+            rewrite_as_png(temp, converted)
+        return place_output(ctx, job, temp, wanted)
+
+
+def check_result(path: Path, pixel_cap: int) -> Image.Image | None:
+    """Prove the result is an image within `pixel_cap`; an image to re-save if it is not a PNG.
+
+    The size comes from the header, before a single pixel is decoded: a result too large to decode
+    is refused once, with the reason, instead of being fetched again and again.
+    """
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if width * height > pixel_cap:
+                raise BadResult(f"the result is {width}x{height} = {width * height} pixels, over the cap of "
+                                f"{pixel_cap} (preflight.max_pixels times upscale squared)", retryable=False)
+            image.load()  # a full decode: proof the bytes on disk are a whole image
+            if image.format == "PNG":
+                return None
+            return image.convert("RGBA" if "A" in image.getbands() else "RGB")
+    except BadResult:
+        raise
+    except OSError as exc:
+        if is_environment_fault(exc):
+            raise  # our own disk failing, not the result: the scheduler keeps the job
+        raise BadResult(f"the result is not a readable image: {exc}", retryable=True) from None
+    except (SyntaxError, ValueError) as exc:
+        raise BadResult(f"the result is not a readable image: {exc}", retryable=True) from None
+
+
+def placed_output(job: Job) -> Path | None:
+    """This job's output if a run before a crash already placed it: the recorded name holding the
+    recorded bytes. Another job may have taken the name in between (two scans with one stem)."""
+    if not job.output_path or not os.path.isfile(job.output_path):
+        return None
+    if job.output_sha256 is None:  # recorded by a daemon older than the hash: trust the name
+        return Path(job.output_path)
+    try:
+        with open(job.output_path, "rb") as f:
+            same = sha256_of(f) == job.output_sha256
+    except OSError:
+        return None
+    return Path(job.output_path) if same else None
+
+
 def place_output(ctx: Context, job: Job, temp: Path, wanted: Path) -> Path:
-    """Link the finished temp file into the outbox under a free name recorded first (no doubles)."""
+    """Link the finished temp file into the outbox under a free name recorded first (no doubles).
+
+    The result's hash is recorded with the name, so that after a crash the job adopts a file under
+    that name only if it is really its own result.
+    """
+    with open(temp, "rb") as f:
+        digest = sha256_of(f)
     intended = free_name(wanted)
-    job = ctx.journal.update(ctx.journal.get(job.id), output_path=str(intended))
+    job = ctx.journal.update(ctx.journal.get(job.id), output_path=str(intended), output_sha256=digest)
     output = claim_name(temp, intended)
     if output != intended:
         ctx.journal.update(job, output_path=str(output))
@@ -130,15 +196,6 @@ def place_output(ctx: Context, job: Job, temp: Path, wanted: Path) -> Path:
         log.warning("output.renamed", rel_path=job.rel_path, job_id=job.id, wanted=str(wanted), output=str(output),
                     reason="a file of that name already exists in the outbox")
     return output
-
-
-def decode_result(path: Path) -> Image.Image | None:
-    """Decode the result fully (proof it is an image); an image to re-save if it is not a PNG."""
-    with Image.open(path) as image:
-        image.load()
-        if image.format == "PNG":
-            return None
-        return image.convert("RGBA" if "A" in image.getbands() else "RGB")
 
 
 def rewrite_as_png(path: Path, image: Image.Image) -> None:
@@ -247,7 +304,7 @@ def _is_record_of(path: Path, job: Job) -> bool:
 
 def unpublish(ctx: Context, job: Job) -> None:
     if job.hosted_key:
-        ctx.host.close_callback(job.hosted_key.split(".")[0])
+        ctx.host.close_callback(job.hosted_key)
         try:
             ctx.host.unpublish(job.hosted_key)
         except HostingError as exc:
@@ -258,9 +315,27 @@ def unpublish(ctx: Context, job: Job) -> None:
 
 
 def remove_staged(ctx: Context, job: Job) -> None:
-    if job.upload_path and Path(job.upload_path).parent == ctx.staging:
+    """Remove this job's pinned copy and any PNG made from it (the job no longer needs them)."""
+    for path in staged_files(ctx.staging, job.id):
         with contextlib.suppress(FileNotFoundError):
-            Path(job.upload_path).unlink()
+            path.unlink()
+
+
+def staged_files(staging: Path, job_id: int) -> list[Path]:
+    """The files preflight made for one job: the pin `job-<id>-<name>` and the PNG `job-<id>.png`."""
+    try:
+        names = os.listdir(staging)
+    except FileNotFoundError:
+        return []
+    return [staging / n for n in names if staged_job_id(n) == job_id]
+
+
+def staged_job_id(name: str) -> int | None:
+    """The job a staging file belongs to, from its name; None for anything else (temporaries)."""
+    head = name.split(".", 1)[0].split("-", 2)
+    if len(head) >= 2 and head[0] == "job" and head[1].isdigit():
+        return int(head[1])
+    return None
 
 
 class InboxUnavailable(OSError):

@@ -14,12 +14,12 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 class JobState(str, enum.Enum):
@@ -93,6 +93,9 @@ class Job:
     remote_status: str | None = None
     media_url: str | None = None
     output_path: str | None = None
+    output_sha256: str | None = None
+    """Of the result recorded with `output_path`: after a crash, a file under that name is this job's
+    output only if its bytes match (another job may have taken the name meanwhile)."""
     final_path: str | None = None
     submit_attempts: int = 0
     download_attempts: int = 0
@@ -126,6 +129,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     remote_status TEXT,
     media_url TEXT,
     output_path TEXT,
+    output_sha256 TEXT,
     final_path TEXT,
     submit_attempts INTEGER NOT NULL DEFAULT 0,
     download_attempts INTEGER NOT NULL DEFAULT 0,
@@ -160,6 +164,7 @@ MIGRATIONS: dict[int, str] = {
         CREATE INDEX IF NOT EXISTS jobs_by_content ON jobs(sha256);
     """,
     3: "CREATE TABLE IF NOT EXISTS retry_requests (job_id INTEGER PRIMARY KEY, requested_at REAL NOT NULL);",
+    4: "ALTER TABLE jobs ADD COLUMN output_sha256 TEXT;",
 }
 """SQL that takes an existing journal from version N-1 to N; a new journal gets `_SCHEMA` directly."""
 
@@ -364,17 +369,24 @@ class Journal:
                 return twin
         return twins[0] if twins else None
 
-    def enter_submitting(self, job: Job, detail: str) -> tuple[Job | None, Job | None]:
-        """Move `job` to SUBMITTING unless an identical job is already past that point.
+    def enter_submitting(self, job: Job, detail: str,
+                         settled_twins: Collection[int] = ()) -> tuple[Job | None, Job | None]:
+        """Move `job` to SUBMITTING unless an identical job is in flight or done.
 
-        One transaction, so of two identical jobs racing here exactly one gets through; the
-        other gets the twin to wait for. This is the last guard against paying twice.
+        One transaction, so of two identical jobs racing here exactly one gets through; the other
+        gets the twin, to wait for (in flight) or to reuse the result of (done). A done twin counts
+        however it got there, even while this job was publishing; `settled_twins` are done twins the
+        caller already tried and whose result is gone. This is the last guard against paying twice.
         """
         ahead = ", ".join("?" for _ in AHEAD_STATES)
+        settled = ", ".join("?" for _ in settled_twins) or "-1"  # ids start at 1; NOT IN (NULL) is never true
         with self.transaction() as cur:
             row = cur.execute(
-                f"SELECT * FROM jobs WHERE sha256 = ? AND params = ? AND id != ? AND state IN ({ahead}) LIMIT 1",
-                (job.sha256, json.dumps(job.params, sort_keys=True), job.id, *AHEAD_STATES)).fetchone()
+                f"SELECT * FROM jobs WHERE sha256 = ? AND params = ? AND id != ? AND "
+                f"(state IN ({ahead}) OR (state = 'done' AND id NOT IN ({settled}))) "
+                "ORDER BY state = 'done', id DESC LIMIT 1",
+                (job.sha256, json.dumps(job.params, sort_keys=True), job.id, *AHEAD_STATES,
+                 *settled_twins)).fetchone()
             if row is not None:
                 return None, _row_to_job(row)
             return self.transition(job, JobState.SUBMITTING, detail), None
@@ -400,14 +412,28 @@ class Journal:
             row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _row_to_job(row) if row else None
 
-    def jobs_in(self, *states: JobState, limit: int | None = None) -> list[Job]:
-        """Jobs in any of `states`, oldest first."""
+    def jobs_in(self, *states: JobState, limit: int | None = None, due_by: float | None = None,
+                exclude: Collection[int] = ()) -> list[Job]:
+        """Jobs in any of `states`, oldest first.
+
+        `due_by` keeps only jobs whose backoff (`not_before`) has passed by then, and `exclude` leaves
+        out the given ids, both in SQL: a LIMIT applied before them would let jobs that are backing
+        off (or already running) hide the newer ones that are ready.
+        """
         marks = ", ".join("?" for _ in states)
-        sql = f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY id"
+        sql = f"SELECT * FROM jobs WHERE state IN ({marks})"
+        args: list[Any] = [s.value for s in states]
+        if due_by is not None:
+            sql += " AND not_before <= ?"
+            args.append(due_by)
+        if exclude:
+            sql += f" AND id NOT IN ({', '.join('?' for _ in exclude)})"
+            args.extend(exclude)
+        sql += " ORDER BY id"
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
         with self._lock:
-            rows = self._db.execute(sql, [s.value for s in states]).fetchall()
+            rows = self._db.execute(sql, args).fetchall()
         return [_row_to_job(r) for r in rows]
 
     def count_in(self, *states: JobState) -> int:

@@ -17,7 +17,7 @@ import os
 import secrets
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
@@ -215,12 +215,16 @@ def write_json_atomically(path: Path, data: dict[str, Any]) -> Path:
         return claim_name(temp, path)
 
 
-def remove_temporaries(directory: Path) -> int:
-    """Delete temporary files a crash left in `directory` (recursively); returns how many."""
+def remove_temporaries(directory: Path, progress: Callable[[], None] = lambda: None) -> int:
+    """Delete temporary files a crash left in `directory` (recursively); returns how many.
+
+    `progress` is called for each folder walked (a large archive takes a while).
+    """
     removed = 0
     if not directory.is_dir():
         return 0
     for dirpath, _dirnames, filenames in os.walk(directory):
+        progress()
         for name in filenames:
             path = Path(dirpath) / name
             if is_temporary(path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass
 
 from .api import SubmitAnswer, SubmitVerdict
 
@@ -43,6 +44,66 @@ def next_poll_time(now: float, sent_at: float | None, interval: float, expected:
     if overdue < expected * FOLLOW_UP_WINDOW:
         return min(grid, now + max(2 * PREDICTION_MARGIN, overdue))
     return grid
+
+
+@dataclass
+class PollEvidence:
+    """What the provider's answers have said about one job in flight (wall-clock seconds).
+
+    Only answers count: a poll that got none (network down, daemon stopped) is no word from the
+    provider, and the job may well be finished and paid for.
+    """
+
+    still_waiting_at: float | None = None
+    """When a poll last heard QUEUED or PROCESSING."""
+    unusable_since: float | None = None
+    """When the current run of answers with no usable status began (404, 5xx, garbage), else None."""
+    unusable_at: float | None = None
+    """When the last of those came."""
+    unusable_status: int | None = None
+    unusable_message: str = ""
+
+    def heard(self, http_status: int | None, usable: bool, waiting: bool, message: str, now: float) -> None:
+        """Record one poll's answer (`http_status` None: no answer came)."""
+        if http_status is None:
+            return
+        if usable:
+            self.unusable_since = self.unusable_at = self.unusable_status = None
+            self.unusable_message = ""
+            if waiting:
+                self.still_waiting_at = now
+            return
+        if self.unusable_since is None:
+            self.unusable_since = now
+        self.unusable_at, self.unusable_status, self.unusable_message = now, http_status, message
+
+
+GONE_STATUSES = frozenset({404, 410})
+"""Status answers that say the provider no longer has the job (purged, or never kept)."""
+
+
+def overdue_reason(submitted_at: float, evidence: PollEvidence, job_timeout: float,
+                   remote_status: str | None = None) -> tuple[str, str] | None:
+    """(error kind, reason) when a job in flight has to be given up, else None.
+
+    On the provider's own word only: a poll after the deadline still said QUEUED/PROCESSING, or
+    for longer than `job_timeout` every answer was unusable (the provider forgot the id, or keeps
+    failing to say). Either way the job may have been paid for.
+    """
+    waited = (evidence.still_waiting_at or 0.0) - submitted_at
+    if waited > job_timeout:
+        return "timeout", f"still {remote_status or 'unfinished'} after api.job_timeout ({job_timeout:g} s)"
+    if evidence.unusable_since is not None and evidence.unusable_at is not None:
+        streak = evidence.unusable_at - max(evidence.unusable_since, submitted_at)
+        if streak > job_timeout:
+            if evidence.unusable_status in GONE_STATUSES:
+                return "lost_at_provider", (
+                    f"the provider no longer knows this job (it may have been paid): its status answered "
+                    f"HTTP {evidence.unusable_status} for {streak:.0f} s, longer than api.job_timeout")
+            return "lost_at_provider", (
+                f"the provider gave no usable status for this job for {streak:.0f} s, longer than "
+                f"api.job_timeout (it may have been paid); last answer: {evidence.unusable_message}")
+    return None
 
 
 def full_jitter(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:

@@ -1,22 +1,33 @@
 """Preflight: is this file an image the provider can take? Decided by content, before any money is spent.
 
-JPEG and PNG in 8-bit RGB, greyscale or palette are published as they are, byte for byte. Anything
-Pillow can read but the provider may not take (TIFF, BMP, WebP, CMYK, 16-bit, ...) is converted to an
-upload-safe PNG in the staging folder. Everything else is rejected with a reason a person can act on.
+What is judged is a pinned copy, never the inbox file itself: the scan is opened once without
+following links and pinned into the staging folder (a hard link on the same file system, else a
+copy), hashed as it is pinned. That copy is what gets published, so a share that drops after the
+submit, or someone swapping a folder or the content in the inbox, cannot change what the provider
+fetches. JPEG and PNG in 8-bit RGB, greyscale or palette are published as they are, byte for byte.
+Anything Pillow can read but the provider may not take (TIFF, BMP, WebP, CMYK, 16-bit, ...) is
+converted to an upload-safe PNG in the staging folder. Everything else is rejected with a reason a
+person can act on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
+import secrets
 import stat
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from PIL import Image, UnidentifiedImageError
+
+# Every decode in the daemon checks an explicit pixel cap from the header before it loads a pixel
+# (preflight.max_pixels for scans, that times upscale squared for results). Pillow's own global
+# guess would refuse a result the configuration allows, or raise where a clear reason is owed.
+Image.MAX_IMAGE_PIXELS = None
 
 PASS_THROUGH_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png"}
 PASS_THROUGH_MODES = {"RGB", "RGBA", "L", "LA", "P"}
@@ -25,11 +36,21 @@ SYMLINK_REASON = "a symbolic link: links in the inbox are never followed, publis
 
 
 class PreflightError(Exception):
-    """The file cannot be sent; `reason` says why in words for the failed/ record."""
+    """The file cannot be sent; `reason` says why in words for the failed/ record.
 
-    def __init__(self, reason: str) -> None:
+    `may_be_incomplete` marks verdicts a file still being written would also get (empty, not an
+    image yet, truncated): the caller fails the scan only once it is sure the writing is over.
+    """
+
+    def __init__(self, reason: str, *, may_be_incomplete: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.may_be_incomplete = may_be_incomplete
+
+
+class StagingError(Exception):
+    """The staging folder could not take the pinned copy (disk full, not writable): the daemon's
+    fault, not the scan's, so the job is kept and tried again."""
 
 
 @dataclass(frozen=True)
@@ -37,16 +58,37 @@ class PreflightResult:
     """What to publish for a file that passed."""
 
     sha256: str
-    """Of the original file's bytes: identifies the content for duplicate detection."""
+    """Of the original file's bytes (as pinned): identifies the content for duplicate detection."""
     width: int
     height: int
     source_format: str
     upload_path: Path
+    """In the staging folder: the pinned copy itself, or the PNG made from it."""
     content_type: str
     converted: bool
 
+    def still_pinned(self) -> bool:
+        """True while `upload_path` still holds what was checked (see `pin_holds`)."""
+        return pin_holds(self.upload_path, self.sha256, self.converted)
 
-def _sha256_of(f: BinaryIO) -> str:
+
+def pin_holds(upload_path: Path, sha256: str | None, converted: bool) -> bool:
+    """True while a staged upload is still there and, for a pin, still the checked bytes.
+
+    A pin that is a hard link shares its bytes with the inbox file, so a writer that kept writing
+    into it changes the pin too: it is hashed again before it is published. A PNG the daemon made
+    itself only has to be there.
+    """
+    try:
+        if converted:
+            return stat.S_ISREG(os.lstat(upload_path).st_mode)
+        with open(upload_path, "rb") as f:
+            return sha256_of(f) == sha256
+    except OSError:
+        return False
+
+
+def sha256_of(f: BinaryIO) -> str:
     digest = hashlib.sha256()
     for chunk in iter(lambda: f.read(CHUNK), b""):
         digest.update(chunk)
@@ -69,13 +111,17 @@ def is_environment_fault(exc: OSError) -> bool:
 def _open_no_follow(path: Path) -> BinaryIO:
     """Open the inbox file itself, never what a link points at: a link swapped in after the check is refused."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        # O_NONBLOCK: a FIFO swapped in after the lstat must not hang the worker (no effect on files).
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise PreflightError(SYMLINK_REASON) from None
         if is_environment_fault(exc):
             raise
         raise PreflightError(f"cannot read the file: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise PreflightError("not a regular file")
     return os.fdopen(fd, "rb")
 
 
@@ -97,10 +143,11 @@ def _to_upload_mode(image: Image.Image) -> Image.Image:
 
 
 def check_image(path: Path, staging_dir: Path, stem: str, *, max_pixels: int) -> PreflightResult:
-    """Check `path` by content; convert to PNG in `staging_dir` as `<stem>.png` when needed.
+    """Pin `path` into `staging_dir` as `<stem>-<name>`, then check the pin by content.
 
-    The file is read through one descriptor opened without following links, so what is hashed,
-    decoded and judged is the same file, and always one inside the inbox.
+    The file is read through one descriptor opened without following links, so what is pinned,
+    hashed, decoded and judged is the same file, and always one inside the inbox. A PNG made
+    for the provider replaces the pin as `<stem>.png`. On any verdict the pin is removed.
     """
     try:
         st = os.lstat(path)
@@ -112,51 +159,132 @@ def check_image(path: Path, staging_dir: Path, stem: str, *, max_pixels: int) ->
         raise PreflightError(SYMLINK_REASON)
     if not stat.S_ISREG(st.st_mode):
         raise PreflightError("not a regular file")
-    f = _open_no_follow(path)
+    pinned: Path | None = None
     try:
-        with f:
+        with _open_no_follow(path) as f:
             if os.fstat(f.fileno()).st_size == 0:
-                raise PreflightError("the file is empty (0 bytes)")
-            sha256 = _sha256_of(f)
-            f.seek(0)
-            return _decode(f, path, sha256, staging_dir, stem, max_pixels)
-    except PreflightError:
+                raise PreflightError("the file is empty (0 bytes)", may_be_incomplete=True)
+            pinned, sha256 = pin(f, staging_dir, f"{stem}-{path.name}")
+        result = _decode(pinned, sha256, staging_dir, stem, max_pixels)
+    except BaseException as exc:
+        if pinned is not None:
+            _remove(pinned)
+        if isinstance(exc, Exception):
+            _raise_as_verdict(exc)
         raise
-    except UnidentifiedImageError:
-        raise PreflightError("not an image Pillow can read (checked by content, not by name)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise PreflightError(f"refused as a decompression bomb: {exc}") from None
-    except PermissionError as exc:
+    if result.converted:
+        _remove(pinned)
+    return result
+
+
+def _raise_as_verdict(exc: Exception) -> None:
+    """Re-raise `exc` as a PreflightError with a reason, unless it is no verdict on the scan."""
+    if isinstance(exc, (PreflightError, StagingError)):
+        raise exc
+    if isinstance(exc, UnidentifiedImageError):
+        raise PreflightError("not an image Pillow can read (checked by content, not by name)",
+                             may_be_incomplete=True) from None
+    if isinstance(exc, PermissionError):
         raise PreflightError(f"cannot read the file: {exc.strerror}") from None
-    except OSError as exc:
+    if isinstance(exc, OSError):
         if is_environment_fault(exc):
-            raise  # the share hiccupped: the scheduler keeps the job and tries again later
-        raise PreflightError(f"the image is truncated or corrupt: {exc}") from None
-    except (SyntaxError, ValueError) as exc:
-        raise PreflightError(f"the image is truncated or corrupt: {exc}") from None
+            raise exc  # the share hiccupped: the scheduler keeps the job and tries again later
+        raise PreflightError(f"the image is truncated or corrupt: {exc}", may_be_incomplete=True) from None
+    if isinstance(exc, (SyntaxError, ValueError)):
+        raise PreflightError(f"the image is truncated or corrupt: {exc}", may_be_incomplete=True) from None
+    raise exc
 
 
-def _decode(f: BinaryIO, path: Path, sha256: str, staging_dir: Path, stem: str,
-            max_pixels: int) -> PreflightResult:
-    """Decode the open file fully under the pixel limit; pass it through or write the upload PNG."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(f) as image:
-            width, height = image.size
-            if width * height > max_pixels:
-                raise PreflightError(
-                    f"the image has {width}x{height} = {width * height} pixels, over "
-                    f"preflight.max_pixels ({max_pixels})")
-            image_format = image.format or "unknown"
-            image.load()  # a full decode: catches truncated and corrupt files
-            if not needs_conversion(image.format, image.mode):
-                return PreflightResult(sha256, width, height, image_format, path,
-                                       PASS_THROUGH_FORMATS[image_format], False)
-            staging_dir.mkdir(parents=True, exist_ok=True)
-            target = staging_dir / f"{stem}.png"
-            converted = _to_upload_mode(image)
-            temp = target.with_suffix(".png.tmp")
+def pin(source: BinaryIO, staging_dir: Path, name: str) -> tuple[Path, str]:
+    """Pin the open file `source` as `staging_dir/name`; returns the pin and the SHA-256 of its bytes.
+
+    A hard link to the open file itself (through /proc/self/fd, so no path in the inbox is looked
+    up again) where the file system allows it, else a copy; either is fsynced and renamed into
+    place, replacing an older pin of the same name. Reading errors are the source's (OSError);
+    writing errors are the staging folder's (StagingError).
+    """
+    try:
+        staging_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StagingError(f"cannot create the staging folder {staging_dir}: {exc.strerror}") from None
+    target = staging_dir / name
+    temp = staging_dir / f".pin-{secrets.token_hex(8)}.tmp"
+    try:
+        # A dst_dir_fd makes os.link use linkat(AT_SYMLINK_FOLLOW): the magic link is followed to
+        # the open file itself (plain link() would try to link the /proc entry and fail).
+        folder = os.open(staging_dir, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise StagingError(f"cannot open the staging folder {staging_dir}: {exc.strerror}") from None
+    try:
+        try:
+            os.link(f"/proc/self/fd/{source.fileno()}", temp.name, dst_dir_fd=folder, follow_symlinks=True)
+        except OSError:  # another file system, no /proc, or protected_hardlinks: copy instead
+            sha256 = _copy_hashing(source, temp)
+        else:
+            source.seek(0)
+            sha256 = sha256_of(source)
+        try:
+            os.replace(temp, target)
+            os.fsync(folder)
+        except OSError as exc:
+            _remove(temp)
+            raise StagingError(f"cannot pin the scan into {staging_dir}: {exc.strerror}") from None
+    finally:
+        os.close(folder)
+    return target, sha256
+
+
+def _copy_hashing(source: BinaryIO, temp: Path) -> str:
+    digest = hashlib.sha256()
+    try:
+        out = open(temp, "xb")
+    except OSError as exc:
+        raise StagingError(f"cannot pin the scan into {temp.parent}: {exc.strerror}") from None
+    with out:
+        source.seek(0)
+        for chunk in iter(lambda: source.read(CHUNK), b""):
+            digest.update(chunk)
+            try:
+                out.write(chunk)
+            except OSError as exc:
+                out.close()
+                _remove(temp)
+                raise StagingError(f"cannot pin the scan into {temp.parent}: {exc.strerror}") from None
+        try:
+            out.flush()
+            os.fsync(out.fileno())
+        except OSError as exc:
+            _remove(temp)
+            raise StagingError(f"cannot pin the scan into {temp.parent}: {exc.strerror}") from None
+    return digest.hexdigest()
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def _decode(pinned: Path, sha256: str, staging_dir: Path, stem: str, max_pixels: int) -> PreflightResult:
+    """Decode the pin fully under the pixel limit; pass it through or write the upload PNG."""
+    with Image.open(pinned) as image:
+        width, height = image.size
+        if width * height > max_pixels:
+            raise PreflightError(
+                f"the image has {width}x{height} = {width * height} pixels, over "
+                f"preflight.max_pixels ({max_pixels})")
+        image_format = image.format or "unknown"
+        image.load()  # a full decode: catches truncated and corrupt files
+        if not needs_conversion(image.format, image.mode):
+            return PreflightResult(sha256, width, height, image_format, pinned,
+                                   PASS_THROUGH_FORMATS[image_format], False)
+        target = staging_dir / f"{stem}.png"
+        converted = _to_upload_mode(image)
+        temp = target.with_suffix(".png.tmp")
+        try:
             converted.save(temp, format="PNG")
             os.replace(temp, target)
-            width, height = converted.size
-            return PreflightResult(sha256, width, height, image_format, target, "image/png", True)
+        except OSError as exc:
+            _remove(temp)
+            raise StagingError(f"cannot write the converted scan into {staging_dir}: {exc}") from None
+        width, height = converted.size
+        return PreflightResult(sha256, width, height, image_format, target, "image/png", True)

@@ -7,49 +7,77 @@ polling resumes. Then orphans of a crash are swept from the host and temporary f
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import structlog
 
-from .journal import Job, JobState
+from .finishing import staged_job_id
+from .journal import FINAL_STATES, Job, JobState
 from .outbox import remove_temporaries
 from .stages import RESEND_HINT, Context, fail, unpublish
 
 log = structlog.get_logger("daemon.recovery")
 
+UNFINISHED_STATES = tuple(state for state in JobState if state not in FINAL_STATES)
 
-def recover(ctx: Context) -> None:
+
+def recover(ctx: Context, progress: Callable[[], None] = lambda: None) -> None:
     """Put every job a previous run left mid-way back on a path that continues it.
 
     Each job on its own: one that cannot be recovered now (the inbox not mounted yet, a disk
-    error) is logged and left where the loop picks it up, and never stops the others.
+    error) is logged and left where the loop picks it up, and never stops the others. `progress`
+    is called after each job and each folder walked: a long recovery (a large archive on a slow
+    share) is work being done, not a hung daemon, and systemd's watchdog must hear so.
     """
     journal = ctx.journal
     for job in journal.jobs_in(JobState.PUBLISHING):
-        _recover_one(ctx, job, _recover_publishing)
+        _recover_one(ctx, job, _recover_publishing, progress)
     for job in journal.jobs_in(JobState.SUBMITTING):
-        _recover_one(ctx, job, _recover_submitting)
+        _recover_one(ctx, job, _recover_submitting, progress)
     keep = {job.hosted_key for job in journal.jobs_in(JobState.SUBMITTED) if job.hosted_key}
     for job in journal.jobs_in(JobState.SUBMITTED):
-        _recover_one(ctx, job, _recover_submitted)
+        _recover_one(ctx, job, _recover_submitted, progress)
     try:
         swept = ctx.host.sweep(keep)
     except Exception as exc:  # noqa: BLE001 - orphans wait for the next start (and the lifecycle rule)
         log.warning("hosting.sweep_failed", error=f"{type(exc).__name__}: {exc}")
         swept = 0
-    removed = sum(remove_temporaries(p) for p in (ctx.folders.outbox, ctx.folders.archive,
-                                                   ctx.folders.failed))
-    if swept or removed:
-        log.info("recover.cleaned", orphans_unpublished=swept, temporary_files_removed=removed)
+    progress()
+    removed = sum(remove_temporaries(p, progress) for p in (ctx.folders.outbox, ctx.folders.archive,
+                                                             ctx.folders.failed))
+    unpinned = _sweep_staging(ctx)
+    if swept or removed or unpinned:
+        log.info("recover.cleaned", orphans_unpublished=swept, temporary_files_removed=removed,
+                 staged_copies_removed=unpinned)
 
 
-def _recover_one(ctx: Context, job: Job, step: Callable[[Context, Job], None]) -> None:
+def _sweep_staging(ctx: Context) -> int:
+    """Remove pinned copies and temporaries that no unfinished job needs (a crash's leftovers)."""
+    try:
+        names = os.listdir(ctx.staging)
+    except FileNotFoundError:
+        return 0
+    unfinished = {job.id for job in ctx.journal.jobs_in(*UNFINISHED_STATES)}
+    removed = 0
+    for name in names:
+        if staged_job_id(name) in unfinished and not name.endswith(".tmp"):
+            continue
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+            (ctx.staging / name).unlink()
+            removed += 1
+    return removed
+
+
+def _recover_one(ctx: Context, job: Job, step: Callable[[Context, Job], None], progress: Callable[[], None]) -> None:
     try:
         step(ctx, job)
     except Exception as exc:  # noqa: BLE001 - the loop's own steps carry the job on later
         log.warning("recover.job_error", rel_path=job.rel_path, job_id=job.id, state=job.state.value,
                     error=f"{type(exc).__name__}: {exc}")
+    progress()
 
 
 def _recover_publishing(ctx: Context, job: Job) -> None:

@@ -20,7 +20,7 @@ import structlog
 from . import recovery, retry, stages
 from .api import PollVerdict, SubmitVerdict
 from .journal import FINAL_STATES, IN_FLIGHT_STATES, Job, JobState, StaleTransition
-from .pacing import NO_BALANCE, SubmitGate, full_jitter, next_poll_time
+from .pacing import NO_BALANCE, PollEvidence, SubmitGate, full_jitter, next_poll_time, overdue_reason
 from .watcher import InboxWatcher
 
 log = structlog.get_logger("daemon.scheduler")
@@ -69,8 +69,8 @@ class Scheduler:
         self._running: dict[int, _Running] = {}
         self._next_poll: dict[int, float] = {}
         self._submitted_clock: dict[int, float] = {}
-        self._still_waiting_at: dict[int, float] = {}
-        """Wall time of each job's last poll that said QUEUED/PROCESSING: the evidence for a timeout."""
+        self._evidence: dict[int, PollEvidence] = {}
+        """What each job's polls have heard (wall time): the evidence for giving a job up."""
         self._expected: float | None = None
         self._next_heartbeat = 0.0
         self._stage_errors: dict[int, int] = {}
@@ -85,7 +85,7 @@ class Scheduler:
     def run(self) -> None:
         """Recover what a previous run left, then loop until `stop()`; clean-up in `finally`."""
         try:
-            recovery.recover(self.ctx)
+            recovery.recover(self.ctx, progress=self._recovery_progress)
         except Exception as exc:  # noqa: BLE001 - e.g. failed/ not writable: the loop retries those jobs
             log.error("recover.error", error=f"{type(exc).__name__}: {exc}", exc_info=True)
         self.last_pass = self.clock()  # recovery may have been long; the loop starts now
@@ -112,6 +112,10 @@ class Scheduler:
         finally:
             self.ctx.journal.set_meta("paused", None)
             self.ctx.journal.set_meta("inbox_unavailable", None)  # `status` must not show a stale fact
+
+    def _recovery_progress(self) -> None:
+        """Recovery is moving: count it as a pass, so the watchdog keeps being fed through a long one."""
+        self.last_pass = self.clock()
 
     def request_stop(self) -> None:
         """Only sets a flag, so it is safe in a signal handler; the loop sees it within one pass."""
@@ -216,8 +220,10 @@ class Scheduler:
         if answer.verdict is PollVerdict.COMPLETED and answer.provider_seconds is not None:
             sample = answer.provider_seconds
             self._expected = sample if self._expected is None else 0.8 * self._expected + 0.2 * sample
-        if answer.verdict is PollVerdict.WAITING:
-            self._still_waiting_at[job_id] = self.ctx.wall()
+        if answer.verdict is not PollVerdict.AUTH:
+            self._evidence.setdefault(job_id, PollEvidence()).heard(
+                answer.http_status, usable=answer.verdict is not PollVerdict.RETRY or answer.http_status is None,
+                waiting=answer.verdict is PollVerdict.WAITING, message=answer.message, now=self.ctx.wall())
         if answer.verdict in (PollVerdict.WAITING, PollVerdict.RETRY, PollVerdict.AUTH):
             delay_floor = answer.retry_after or 0.0
             self._next_poll[job_id] = max(now + delay_floor, next_poll_time(
@@ -276,19 +282,20 @@ class Scheduler:
                          settle_wait=round(sighting.waited, 3))
 
     def fail_overdue_jobs(self) -> None:
-        """Jobs the provider has held longer than api.job_timeout go to failed/.
+        """Jobs the provider has held, or not answered for usably, longer than api.job_timeout go to failed/.
 
-        Only on the provider's own word: a poll made after the deadline must have said the job is
-        still QUEUED or PROCESSING. After a restart, an outage or a rejected key it is the daemon
-        that could not ask, and the job may well be finished and paid for: it is polled first.
+        Only on the provider's own word (see `pacing.overdue_reason`). After a restart, an outage or
+        a rejected key it is the daemon that could not ask, and the job may well be finished and
+        paid for: it is polled first.
         """
         for job in self.ctx.journal.jobs_in(JobState.SUBMITTED):
-            if job.id in self._running or job.submitted_at is None:
+            evidence = self._evidence.get(job.id)
+            if job.id in self._running or job.submitted_at is None or evidence is None:
                 continue
-            if self._still_waiting_at.get(job.id, 0.0) - job.submitted_at > self.job_timeout:
-                self._dispatch(job, "fail", lambda ctx, j: stages.fail(
-                    ctx, j, "timeout", f"still {j.remote_status or 'unfinished'} after api.job_timeout "
-                    f"({self.job_timeout:g} s)"))
+            verdict = overdue_reason(job.submitted_at, evidence, self.job_timeout, job.remote_status)
+            if verdict is not None:
+                kind, reason = verdict
+                self._dispatch(job, "fail", lambda ctx, j, kind=kind, reason=reason: stages.fail(ctx, j, kind, reason))
 
     def start_submits(self) -> None:
         """Fill free slots with the oldest pending jobs whose backoff has passed."""
@@ -300,9 +307,8 @@ class Scheduler:
         free = self.gate.limit - journal.count_in(*IN_FLIGHT_STATES)
         if free <= 0:
             return
-        now_wall = self.ctx.wall()
-        ready = [job for job in journal.jobs_in(JobState.PENDING, limit=free + len(self._running))
-                 if job.id not in self._running and job.not_before <= now_wall]
+        # Readiness is decided in SQL: the oldest jobs backing off must not hide newer ones that are ready.
+        ready = journal.jobs_in(JobState.PENDING, limit=free, due_by=self.ctx.wall(), exclude=list(self._running))
         allowed = self.gate.allowed(self.clock(), min(free, len(ready))) if ready else 0
         launched = 0
         try:
@@ -354,8 +360,8 @@ class Scheduler:
         for job_id in [j for j in self._next_poll if j not in submitted]:  # timed out, failed, done
             self._next_poll.pop(job_id, None)
             self._submitted_clock.pop(job_id, None)
-        for job_id in [j for j in self._still_waiting_at if j not in submitted]:
-            del self._still_waiting_at[job_id]
+        for job_id in [j for j in self._evidence if j not in submitted]:
+            del self._evidence[job_id]
         for job in submitted.values():
             if job.id in self._running:
                 continue
@@ -444,7 +450,9 @@ class Scheduler:
             changes["last_error"] = f"{type(exc).__name__}: {exc}"
         try:
             if current.state is JobState.PUBLISHING:
-                self.ctx.journal.transition(current, JobState.PENDING, "error while publishing", **changes)
+                stages.unpublish(self.ctx, current)  # its file may be out there already: never leave it served
+                self.ctx.journal.transition(current, JobState.PENDING, "error while publishing", hosted_key=None,
+                                            **changes)
             elif current.state is JobState.SUBMITTING:
                 stages.fail(self.ctx, current, "submit_ambiguous", f"unexpected error while submitting: {exc}")
             else:

@@ -9,6 +9,7 @@ provider (deliver) or instead of it (fail) lives in daemon.finishing.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import os
 import re
 import shutil
@@ -17,19 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
-from PIL import UnidentifiedImageError
 
 from .api import (PUBLISHED_URL, DownloadError, PollAnswer, PollVerdict, SubmitAnswer, SubmitVerdict,
                   choose_polling_url)
-from .finishing import (Context, InboxUnavailable, changed_since_taken, decode_result, deliver, fail,
-                        finish_delivery, finish_failing, place_output, require_inbox, rewrite_as_png, size_and_mtime,
-                        unpublish)
+from .finishing import (BadResult, Context, InboxUnavailable, changed_since_taken, deliver, fail, finish_delivery,
+                        finish_failing, placed_output, remove_staged, require_inbox, size_and_mtime, unpublish,
+                        write_result)
 from .hosting import HostingError, key_for_logs, new_key
 from .journal import Job, JobState
 from .logging import mask_secrets
-from .outbox import finish_temp, temporary_file
 from .pacing import full_jitter
-from .preflight import PreflightError, PreflightResult, check_image
+from .preflight import PreflightError, PreflightResult, check_image, pin_holds
 
 log = structlog.get_logger("daemon.stages")
 
@@ -66,36 +65,25 @@ def launch(ctx: Context, job: Job) -> StageOutcome:
     reuses its result, and one whose twin is still in flight waits for it.
     """
     source = ctx.inbox / job.rel_path
-    if job.output_path and Path(job.output_path).exists():  # a reused result placed before a crash
+    if placed_output(job) is not None:  # a reused result placed before a crash
         finish_delivery(ctx, ctx.journal.transition(job, JobState.DELIVERING, "reused result already in place"))
         return StageOutcome(job.id)
     if not os.path.lexists(source):
-        require_inbox(ctx)
-        ctx.journal.transition(job, JobState.VANISHED, "left the inbox before it was sent")
-        log.info("file.vanished", rel_path=job.rel_path, job_id=job.id)
+        _vanished(ctx, job, "left the inbox before it was sent")
         return StageOutcome(job.id)
     if job.sha256 and not changed_since_taken(source, job):  # cheap re-check while waiting for a twin
         twin = ctx.journal.find_twin(job)
         if twin is not None and twin.state is not JobState.DONE:
             return _wait_for_twin(ctx, job, twin)
-    stat_key = size_and_mtime(source)
-    checked, *checked_stat_key = ctx.prechecked.pop(job.id, (None, None, None))
-    if checked is None or stat_key != tuple(checked_stat_key) or not checked.upload_path.exists():
-        checked = _preflight(ctx, job, source)
-        if checked is None:
-            return StageOutcome(job.id)
-        stat_key = size_and_mtime(source)  # after the hash: what the recorded content belongs to
-    size, mtime_ns = stat_key
-    job = ctx.journal.update(job, sha256=checked.sha256, size=size, mtime_ns=mtime_ns,
-                             upload_path=str(checked.upload_path))
-    twin = ctx.journal.find_twin(job)  # an early look; enter_submitting below is the real guard
+    job, checked = _pinned_check(ctx, job, source)
+    if checked is None:
+        return StageOutcome(job.id)
+    tried_twins: set[int] = set()
+    twin = ctx.journal.find_twin(job)  # an early look, before publishing; enter_submitting is the real guard
     if twin is not None:
-        if _reuse_result(ctx, job, twin):
-            return StageOutcome(job.id)
-        if twin.state is not JobState.DONE:
-            return _wait_for_twin(ctx, job, twin)
-        log.info("job.duplicate_result_gone", rel_path=job.rel_path, job_id=job.id, twin=twin.id,
-                 reason="the earlier output and media URL are gone; submitting again")
+        outcome = _handle_twin(ctx, job, twin, tried_twins)
+        if outcome is not None:
+            return outcome
     key = new_key(".png" if checked.content_type == "image/png" else ".jpg")
     job = ctx.journal.update(job, hosted_key=key)  # recorded before publishing: no object the journal misses
     try:
@@ -103,22 +91,87 @@ def launch(ctx: Context, job: Job) -> StageOutcome:
     except HostingError as exc:
         return _back_to_pending(ctx, job, f"publish failed: {exc}", count_attempt=True)
     log.info("file.published", rel_path=job.rel_path, job_id=job.id, adapter=ctx.host.name,
-             key=key_for_logs(key), bytes=checked.upload_path.stat().st_size)
+             key=key_for_logs(key), bytes=job.size)
 
     webhook = None
     if ctx.config.hosting.builtin.webhook:
         job_id = job.id
-        webhook = ctx.host.open_callback(key.split(".")[0], lambda: ctx.poll_now(job_id))
+        webhook = ctx.host.open_callback(key, lambda: ctx.poll_now(job_id))
     if ctx.stopping():  # asked to stop while publishing: do not start a submit now
         return _back_to_pending(ctx, job, "stopping: not submitted", count_attempt=False, retry_after=0, quiet=True)
-    submitting, twin = ctx.journal.enter_submitting(job, "submit about to be sent")
-    if twin is not None:  # an identical job got there first, after this one had looked
-        return _wait_for_twin(ctx, job, twin)
+    while True:
+        submitting, twin = ctx.journal.enter_submitting(job, "submit about to be sent", tried_twins)
+        if twin is None:
+            break
+        # An identical job got there first, after this one had looked: perhaps all the way to done
+        # while this copy was being published (a slow upload).
+        outcome = _handle_twin(ctx, ctx.journal.get(job.id), twin, tried_twins)
+        if outcome is not None:
+            return outcome
     job = submitting
     sent_at = time.monotonic()
     answer = ctx.api.submit(url, job.params, webhook_url=webhook)
     took = round(time.monotonic() - sent_at, 3)
     return StageOutcome(job.id, submit=_record_submit(ctx, job, answer, took), sent_at=sent_at)
+
+
+class DuplicateAction(str, enum.Enum):
+    """What a job does about an identical job (same content, same parameters)."""
+
+    REUSE = "reuse"
+    """Make this job's output from the twin's result: nothing is paid."""
+    WAIT = "wait"
+    """The twin is on its way (or ahead in the queue): wait for its result instead of paying again."""
+    SUBMIT = "submit"
+    """The twin is done but its result is gone (output collected, media URL expired): pay again."""
+
+
+def duplicate_action(twin: Job, *, tried: bool) -> DuplicateAction:
+    """The decision for one twin; `tried`: its result was already looked for and not found."""
+    if twin.state is JobState.DONE:
+        return DuplicateAction.SUBMIT if tried else DuplicateAction.REUSE
+    if twin.state is JobState.DELIVERING and twin.output_path and not tried:
+        return DuplicateAction.REUSE  # its output is in the outbox already
+    return DuplicateAction.WAIT
+
+
+def _handle_twin(ctx: Context, job: Job, twin: Job, tried_twins: set[int]) -> StageOutcome | None:
+    """Carry out `duplicate_action` for one twin; None means: go on and submit this job."""
+    action = duplicate_action(twin, tried=twin.id in tried_twins)
+    if action is DuplicateAction.REUSE:
+        if _reuse_result(ctx, job, twin):
+            return StageOutcome(job.id)
+        tried_twins.add(twin.id)
+        action = duplicate_action(twin, tried=True)
+        if action is DuplicateAction.SUBMIT:
+            log.info("job.duplicate_result_gone", rel_path=job.rel_path, job_id=job.id, twin=twin.id,
+                     reason="the earlier output and media URL are gone; submitting again")
+    if action is DuplicateAction.WAIT:
+        return _wait_for_twin(ctx, job, twin)
+    return None
+
+
+def _pinned_check(ctx: Context, job: Job, source: Path) -> tuple[Job, PreflightResult | None]:
+    """This job's pinned, checked copy: the one checked ahead if it still holds, else a fresh preflight.
+
+    Records the content's hash, size and mtime and the pin's path with the job; None when the job
+    went elsewhere (failed, vanished, or back to waiting for a scan still being written).
+    """
+    stat_key = size_and_mtime(source)
+    checked, *checked_stat_key = ctx.prechecked.pop(job.id, (None, None, None))
+    if checked is None or stat_key != tuple(checked_stat_key) or not checked.still_pinned():
+        before = stat_key
+        checked = _preflight(ctx, job, source)
+        if checked is None:
+            return job, None
+        stat_key = size_and_mtime(source)
+        if stat_key != before:  # written to while it was pinned: the pin may be half of it
+            _back_to_waiting(ctx, job, stat_key, "the file changed while it was being checked")
+            return job, None
+    size, mtime_ns = stat_key
+    job = ctx.journal.update(job, sha256=checked.sha256, size=size, mtime_ns=mtime_ns,
+                             upload_path=str(checked.upload_path))
+    return job, checked
 
 
 def check_ahead(ctx: Context, job: Job) -> StageOutcome:
@@ -128,26 +181,32 @@ def check_ahead(ctx: Context, job: Job) -> StageOutcome:
     with the file's size and mtime; `launch` checks again if either changed (or after a restart).
     """
     source = ctx.inbox / job.rel_path
+    before = size_and_mtime(source)
     checked = _preflight(ctx, job, source)
     if checked is not None:
-        size, mtime_ns = size_and_mtime(source)
-        ctx.prechecked[job.id] = (checked, size, mtime_ns)
+        ctx.prechecked[job.id] = (checked, *before)
     return StageOutcome(job.id)
 
 
 def _preflight(ctx: Context, job: Job, source: Path) -> PreflightResult | None:
-    """Run preflight; on a bad file fail the job (or mark it vanished) and return None."""
+    """Pin and check the file; on a bad file fail the job (or mark it vanished) and return None.
+
+    A verdict that a file still being written would also get (empty, truncated) fails the scan only
+    when the writing is surely over; otherwise the job goes back to waiting (`still_being_written`).
+    """
     if not os.path.lexists(source):
-        require_inbox(ctx)
-        ctx.journal.transition(job, JobState.VANISHED, "left the inbox before it was sent")
-        log.info("file.vanished", rel_path=job.rel_path, job_id=job.id)
+        _vanished(ctx, job, "left the inbox before it was sent")
         return None
     try:
         checked = check_image(source, ctx.staging, f"job-{job.id}", max_pixels=ctx.config.preflight.max_pixels)
     except PreflightError as exc:
         if not os.path.lexists(source):
-            require_inbox(ctx)
-            ctx.journal.transition(job, JobState.VANISHED, "left the inbox during preflight")
+            _vanished(ctx, job, "left the inbox during preflight")
+            return None
+        now_stat = size_and_mtime(source)
+        if exc.may_be_incomplete and still_being_written(
+                (job.size, job.mtime_ns), now_stat, ctx.wall(), ctx.config.watch.settle_seconds):
+            _back_to_waiting(ctx, job, now_stat, exc.reason)
             return None
         fail(ctx, job, "preflight", exc.reason)
         return None
@@ -155,6 +214,46 @@ def _preflight(ctx: Context, job: Job, source: Path) -> PreflightResult | None:
         log.info("file.converted", rel_path=job.rel_path, job_id=job.id, source_format=checked.source_format,
                  width=checked.width, height=checked.height)
     return checked
+
+
+def _vanished(ctx: Context, job: Job, detail: str) -> None:
+    """The file is gone from an inbox that is there (deleted or renamed away): nothing to send."""
+    require_inbox(ctx)  # not while the whole inbox is away: then the job waits for it
+    ctx.journal.transition(job, JobState.VANISHED, detail)
+    remove_staged(ctx, job)
+    log.info("file.vanished", rel_path=job.rel_path, job_id=job.id)
+
+
+YOUNG_FILE_SETTLE_PERIODS = 3
+"""A file modified less than this many settle periods ago may still be open for writing."""
+
+
+def still_being_written(taken: tuple[int | None, int | None], now: tuple[int | None, int | None],
+                        wall: float, settle_seconds: float) -> bool:
+    """True when a scan that looks incomplete may simply not be finished yet.
+
+    Its size or mtime changed since it was taken, or it was modified within the last few settle
+    periods (a writer pausing longer than the settle time between chunks).
+    """
+    if now != taken:
+        return True
+    mtime_ns = now[1]
+    return mtime_ns is not None and wall - mtime_ns / 1e9 < YOUNG_FILE_SETTLE_PERIODS * settle_seconds
+
+
+def _back_to_waiting(ctx: Context, job: Job, stat_key: tuple[int | None, int | None], reason: str) -> None:
+    """A scan that is still being written waits (not counted as an attempt) and is checked again later."""
+    delay = max(1.0, 2 * ctx.config.watch.settle_seconds)
+    size, mtime_ns = stat_key
+    changes = {"not_before": ctx.wall() + delay, "size": size if size is not None else job.size,
+               "mtime_ns": mtime_ns if mtime_ns is not None else job.mtime_ns, "hosted_key": None}
+    if job.state is JobState.PENDING:
+        ctx.journal.update(job, **changes)
+    else:
+        ctx.journal.transition(job, JobState.PENDING, "still being written", **changes)
+    log.info("file.still_being_written", rel_path=job.rel_path, job_id=job.id, detail=reason,
+             check_again_in=round(delay, 2))
+    ctx.notify()
 
 
 def _wait_for_twin(ctx: Context, job: Job, twin: Job) -> StageOutcome:
@@ -172,29 +271,25 @@ def _wait_for_twin(ctx: Context, job: Job, twin: Job) -> StageOutcome:
 
 def _reuse_result(ctx: Context, job: Job, twin: Job) -> bool:
     """Produce this job's output from its twin's: a copy of its output, or its media URL again."""
-    twin_output = Path(twin.output_path) if twin.output_path else None
-    if twin_output is not None and twin_output.exists():
+    twin_output = placed_output(twin)
+    if twin_output is not None:
         origin = "outbox copy"
+
+        def fill(f):
+            with open(twin_output, "rb") as src:
+                shutil.copyfileobj(src, f, 1024 * 1024)
     elif twin.state is JobState.DONE and twin.media_url:
         origin = "media URL"
+
+        def fill(f):
+            ctx.api.download(twin.media_url, f, int(ctx.config.api.max_download_mb * 1024 * 1024))
     else:
         return False
-    wanted = ctx.folders.output_path(job.rel_path)
-    with temporary_file(wanted.parent) as (temp, f):
-        try:
-            if origin == "outbox copy":
-                with open(twin_output, "rb") as src:
-                    shutil.copyfileobj(src, f, 1024 * 1024)
-            else:
-                ctx.api.download(twin.media_url, f, int(ctx.config.api.max_download_mb * 1024 * 1024))
-            finish_temp(f)
-            converted = decode_result(temp)
-        except (DownloadError, FileNotFoundError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
-            log.info("job.duplicate_reuse_failed", rel_path=job.rel_path, job_id=job.id, twin=twin.id, error=str(exc))
-            return False
-        if converted is not None:
-            rewrite_as_png(temp, converted)
-        output = place_output(ctx, job, temp, wanted)
+    try:
+        output = write_result(ctx, job, fill)
+    except (DownloadError, BadResult, FileNotFoundError) as exc:
+        log.info("job.duplicate_reuse_failed", rel_path=job.rel_path, job_id=job.id, twin=twin.id, error=str(exc))
+        return False
     job = ctx.journal.transition(ctx.journal.get(job.id), JobState.DELIVERING,
                                  f"same content and parameters as job #{twin.id}: result reused",
                                  duplicate_of=twin.id, output_path=str(output))
@@ -251,6 +346,27 @@ def _back_to_pending(ctx: Context, job: Job, reason: str, *, count_attempt: bool
 # --------------------------------------------------------------------------- poll
 
 
+FETCH_FAILURE_WORDS = re.compile(r"fetch|download|retriev|could not (get|load|access|read|open)|unreachable|"
+                                 r"not found|\b40[34]\b|timed? ?out", re.IGNORECASE)
+
+
+def looks_like_fetch_failure(message: str) -> bool:
+    """True when the provider's FAILED text says it could not get the image (rather than judging it)."""
+    return bool(FETCH_FAILURE_WORDS.search(message or ""))
+
+
+def _copy_was_available(ctx: Context, job: Job) -> bool:
+    """Whether what this job published is still there to be fetched: its pinned copy, unchanged.
+
+    Only a local fact the daemon can check; the remote side of an S3 or WebDAV upload that
+    succeeded is taken to be there.
+    """
+    if not job.upload_path:
+        return False
+    upload = Path(job.upload_path)
+    return pin_holds(upload, job.sha256, converted=upload.name == f"job-{job.id}.png")
+
+
 def poll(ctx: Context, job: Job) -> StageOutcome:
     """SUBMITTED -> ask the provider; on COMPLETED go straight on to deliver."""
     answer = ctx.api.poll(job.polling_url)
@@ -272,8 +388,13 @@ def poll(ctx: Context, job: Job) -> StageOutcome:
         unpublish(ctx, job)
         deliver(ctx, job)
     elif verdict is PollVerdict.FAILED:
-        fail(ctx, job, "provider_failed", f"the provider reported FAILED: {answer.message}",
-             api_error=answer.message)
+        if looks_like_fetch_failure(answer.message) and not _copy_was_available(ctx, job):
+            # Not the scan's fault: the daemon's own copy was gone when the provider came for it.
+            _back_to_pending(ctx, job, f"the provider could not fetch the scan while the published copy was "
+                             f"unavailable: {answer.message}", count_attempt=True)
+        else:
+            fail(ctx, job, "provider_failed", f"the provider reported FAILED: {answer.message}",
+                 api_error=answer.message)
     elif verdict is PollVerdict.ERROR:
         log.warning("job.status", rel_path=job.rel_path, job_id=job.id, request_id=job.request_id,
                     status="ERROR", error=answer.message)

@@ -4,8 +4,8 @@
     standin_rclone.py unpublish <folder> <key>                      delete; a missing file is fine
 
 Failure modes, chosen by the uploaded file's name so that one daemon can meet all of them at once:
-a name containing "exit1" fails with status 1, "hang" sleeps past any timeout, "silent" uploads
-but prints no URL.
+a name containing "exit1" fails with status 1, "hang" sleeps past any timeout, "slow" takes
+$STANDIN_SLOW_SECONDS (default 1) before it uploads, "silent" uploads but prints no URL.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ def main(argv: list[str]) -> int:
             return 1
         if "hang" in name:
             time.sleep(60)
+        if "slow" in name:
+            time.sleep(float(os.environ.get("STANDIN_SLOW_SECONDS", "1")))
         temp = os.path.join(folder, f".{key}.partial")
         shutil.copyfile(source, temp)
         os.replace(temp, os.path.join(folder, key))

@@ -117,7 +117,7 @@ BAD_INPUTS = [
     BadInput("truncated/scan.jpg", "truncated", jpeg(21)[:2000]),
     BadInput("corrupt/scan.png", "corrupt", corrupt_png(22)),
     BadInput("bomb/flat.png", "over preflight.max_pixels", encoded(Image.new("L", (1000, 1000), 128), "PNG")),
-    BadInput("bomb/forged header.png", "decompression bomb",
+    BadInput("bomb/forged header.png", "100000x100000 = 10000000000 pixels, over preflight.max_pixels",
              claiming_size(encoded(photo(23, (16, 16)), "PNG"), 100_000, 100_000)),
     BadInput("links/outside.jpg", "symbolic link", link_to="outside/private.jpg"),
     BadInput("links/inside.jpg", "symbolic link", link_to="inbox/links/good.jpg"),

@@ -91,8 +91,9 @@ def test_an_inbox_renamed_away_and_back_loses_nothing(tmp_path, folders, emulato
     names.append("dropped meanwhile.jpg")
     wait_for(lambda: all_archived(folders, 5), 20, what="every scan restored and archived")
     assert_each_restored_once(folders, names)
-    final = summary(daemon)
-    assert final["inbox_unavailable"] is None and final["counts"]["done"] == 5
+    # The last archive move lands just before its job is recorded done: wait for the record too.
+    final = wait_for(lambda: (s := summary(daemon))["counts"]["done"] == 5 and s, 5, what="five jobs done")
+    assert final["inbox_unavailable"] is None
     assert emulator.stats()["submits_accepted"] == 5
     events = [e["event"] for e in captured_logs]
     assert events.count("watch.inbox_unavailable") == 1 and "watch.inbox_back" in events
