@@ -12,6 +12,7 @@ from __future__ import annotations
 import email.utils
 import enum
 import json
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -35,7 +36,7 @@ class SubmitVerdict(str, enum.Enum):
     ACCEPTED = "accepted"
     """The provider took the job: poll it."""
     RETRY = "retry"
-    """Not taken this time (429, 5xx, a connection that never opened): try again after a delay."""
+    """Not taken this time (429, 500, 503, a connection that never opened): try again after a delay."""
     NO_BALANCE = "no_balance"
     """402: the wallet is empty; every submit would fail the same way."""
     AUTH = "auth"
@@ -43,7 +44,8 @@ class SubmitVerdict(str, enum.Enum):
     REJECTED = "rejected"
     """400 and other 4xx: this request is wrong; resending it cannot help."""
     AMBIGUOUS = "ambiguous"
-    """The request may have reached the provider but its answer was lost: never resend blindly."""
+    """The request may have reached the provider but its answer was lost, or a gateway gave up on it
+    (502/504): never resend blindly."""
 
 
 class PollVerdict(str, enum.Enum):
@@ -131,11 +133,41 @@ def error_message(body: str, hide: str | None = None) -> str:
         parts = [str(data[k]) for k in ("error", "message") if isinstance(data.get(k), (str, int)) and data.get(k)]
         if parts:
             return excerpt(_hidden(": ".join(parts), hide))
-    return excerpt(_hidden(body, hide)) if body else "(empty body)"
+    return excerpt(provider_text(body, hide)) if body else "(empty body)"
+
+
+def provider_text(body: str, hide: str | None) -> str:
+    """A body to quote in an error, with `hide` masked in the decoded JSON strings.
+
+    Masking the raw text misses a URL the provider JSON-escaped (`\\/`, `\\u0026`); decoding first
+    finds it wherever it sits. A body that is not JSON is masked in the spellings it may use.
+    """
+    data = _json(body) if hide else None
+    if isinstance(data, (dict, list)):
+        return json.dumps(_masked(data, hide), ensure_ascii=False)
+    return _hidden(body, hide)
+
+
+def _masked(value: Any, secret: str | None) -> Any:
+    if isinstance(value, str):
+        return _hidden(value, secret)
+    if isinstance(value, dict):
+        return {_hidden(str(k), secret): _masked(v, secret) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_masked(v, secret) for v in value]
+    return value
 
 
 def _hidden(text: str, secret: str | None) -> str:
-    return text.replace(secret, PUBLISHED_URL) if secret else text
+    """`text` with `secret` replaced, as written or escaped the way JSON or HTML writers escape URLs."""
+    if not secret:
+        return text
+    slashed = secret.replace("/", "\\/")
+    spellings = {secret, slashed, secret.replace("&", "\\u0026"), slashed.replace("&", "\\u0026"),
+                 secret.replace("&", "&amp;"), json.dumps(secret)[1:-1]}
+    for spelling in sorted(spellings, key=len, reverse=True):
+        text = text.replace(spelling, PUBLISHED_URL)
+    return text
 
 
 def is_http_url(value: Any) -> bool:
@@ -143,6 +175,13 @@ def is_http_url(value: Any) -> bool:
         return False
     parts = urlsplit(value)
     return parts.scheme in ("http", "https") and bool(parts.netloc)
+
+
+GATEWAY_GAVE_UP = {
+    502: "the gateway got no usable answer from the provider, which may still have taken the job",
+    504: "the gateway gave up waiting for the provider, which may still run the job",
+}
+"""Answers from the API gateway in front of the provider: the submit may have gone through behind it."""
 
 
 def decide_submit(status: int, body: str, headers: dict[str, str], now: float,
@@ -154,11 +193,15 @@ def decide_submit(status: int, body: str, headers: dict[str, str], now: float,
         if not isinstance(request_id, str) or not request_id.strip():
             return SubmitAnswer(SubmitVerdict.AMBIGUOUS, status,
                                 message=f"accepted (HTTP {status}) but no request_id in: "
-                                        f"{excerpt(_hidden(body, image_url))}")
+                                        f"{excerpt(provider_text(body, image_url))}")
         polling_url = data.get("polling_url")
         return SubmitAnswer(SubmitVerdict.ACCEPTED, status, request_id=request_id,
                             polling_url=polling_url if is_http_url(polling_url) else None)
-    message = f"HTTP {status}: {error_message(body, hide=image_url)}"
+    said = error_message(body, hide=image_url)
+    message = f"HTTP {status}: {said}"
+    if status in GATEWAY_GAVE_UP:  # worded for the stage's "may have reached the provider (...)"
+        return SubmitAnswer(SubmitVerdict.AMBIGUOUS, status,
+                            message=f"HTTP {status}: {GATEWAY_GAVE_UP[status]}; it said: {said}")
     retry_after = parse_retry_after(headers.get("Retry-After"), now)
     if status == 402:
         return SubmitAnswer(SubmitVerdict.NO_BALANCE, status, message=message, retry_after=retry_after)
@@ -213,30 +256,98 @@ def decide_poll(status: int, body: str, headers: dict[str, str], now: float) -> 
     return PollAnswer(PollVerdict.RETRY, status, message=f"unexpected status document: {excerpt(body)}")
 
 
-def is_safe_to_resend(exc: BaseException) -> bool:
-    """True when a failed request certainly never reached the server (urllib3's own rule).
+NEVER_BUILT = (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema, requests.exceptions.InvalidSchema)
+CONNECT_ERRORS = (requests.exceptions.ConnectTimeout, urllib3.exceptions.ConnectTimeoutError)
+"""Refused, DNS and connect timeouts (urllib3's NewConnectionError is a ConnectTimeoutError)."""
+OPENING_STEPS = frozenset({"connect", "_new_conn", "create_connection", "_validate_conn", "_prepare_proxy",
+                           "do_handshake"})
+"""Functions that open a connection (TCP, proxy tunnel, TLS handshake): nothing was sent yet."""
+TRANSPORT_MODULES = ("urllib3", "http", "ssl", "socket")
 
-    Connect errors (refused, DNS, connect timeout, TLS handshake) happen before a byte of the request
-    is sent. Read timeouts and dropped connections happen after: the provider may have acted on it.
-    """
-    if isinstance(exc, (requests.exceptions.ConnectTimeout, requests.exceptions.SSLError,
-                        requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
-                        requests.exceptions.InvalidSchema)):
-        return True
-    seen: set[int] = set()
+
+def exception_chain(exc: BaseException) -> list[BaseException]:
+    """`exc` and everything behind it: causes, contexts, urllib3's `reason`, exceptions passed as args."""
+    chain: list[BaseException] = []
     stack: list[Any] = [exc]
     while stack:
-        current = stack.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, urllib3.exceptions.ConnectTimeoutError):
-            return True
-        if isinstance(current, (urllib3.exceptions.ReadTimeoutError, urllib3.exceptions.ProtocolError)):
-            return False
-        stack.extend([getattr(current, "reason", None), current.__cause__, current.__context__,
-                      *[a for a in getattr(current, "args", ()) if isinstance(a, BaseException)]])
-    return False
+        current = stack.pop(0)
+        if isinstance(current, BaseException) and all(current is not seen for seen in chain):
+            chain.append(current)
+            stack.extend(_behind(current))
+    return chain
+
+
+def _behind(exc: BaseException) -> list[BaseException]:
+    links = [getattr(exc, "reason", None), exc.__cause__, *getattr(exc, "args", ()), exc.__context__]
+    return [e for e in links if isinstance(e, BaseException)]  # ssl.SSLError's `reason` is a str
+
+
+def _transport_steps(exc: BaseException) -> set[str]:
+    """The urllib3/http.client/ssl/socket functions `exc` was raised in or passed through."""
+    steps: set[str] = set()
+    tb = exc.__traceback__
+    while tb is not None:
+        if str(tb.tb_frame.f_globals.get("__name__", "")).split(".")[0] in TRANSPORT_MODULES:
+            steps.add(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    return steps
+
+
+def is_safe_to_resend(exc: BaseException) -> bool:
+    """True when a failed request certainly never left: it broke while its connection was opening.
+
+    Decided by where it broke, as the exceptions' tracebacks tell: urllib3 reports a TLS error as
+    SSLError, and a reset as ProtocolError, whether the handshake broke (nothing sent) or the answer
+    did (the provider may have acted and charged). Otherwise only a connect error (refused, DNS,
+    connect timeout: raised only while opening) is safe, by its type; anything else counts as sent.
+    """
+    if isinstance(exc, NEVER_BUILT):
+        return True
+    chain = exception_chain(exc)
+    steps = set().union(*(_transport_steps(e) for e in chain))
+    return bool(steps & OPENING_STEPS) or any(isinstance(e, CONNECT_ERRORS) for e in chain)
+
+
+def transport_failure(exc: BaseException, url: str) -> str:
+    """What broke, for errors and logs: the exception, the host and the first cause.
+
+    Never the URL's path or query: requests puts them in its messages, and a signed media URL
+    (or a polling URL with a token) carries its secret there.
+    """
+    root = _root_cause(exc)
+    detail = str(root) if root is exc else f"{type(root).__name__}: {root}"
+    return f"{type(exc).__name__} ({_origin(url)}): {excerpt(_without_path(detail.rstrip(': '), url), 160)}"
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The exception at the far end of the first link each time: the OS or TLS error itself."""
+    seen = [exc]
+    while True:
+        behind = [e for e in _behind(exc) if all(e is not s for s in seen)]
+        if not behind:
+            return exc
+        exc = behind[0]
+        seen.append(exc)
+
+
+def _origin(url: str) -> str:
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname or "?", parts.port
+    except ValueError:
+        return "?"
+    host = f"[{host}]" if ":" in host else host
+    return f"{host}:{port}" if port else host
+
+
+def _without_path(text: str, url: str) -> str:
+    parts = urlsplit(url)
+    rest = url[len(f"{parts.scheme}://{parts.netloc}"):] if parts.netloc else url
+    pieces = {url, requests.utils.requote_uri(url), rest, requests.utils.requote_uri(rest), parts.query,
+              parts.path if len(parts.path) > 1 else ""}
+    for piece in sorted((p for p in pieces if p), key=len, reverse=True):
+        text = text.replace(piece, "(path hidden)")
+    return text
 
 
 def same_origin(url: str, other: str) -> bool:
@@ -255,6 +366,21 @@ def choose_polling_url(polling_url: str | None, request_id: str, config: ApiConf
 
 
 # --------------------------------------------------------------------------- the client
+
+
+class _QueryHidden(logging.Filter):
+    """urllib3 logs a retried URL with its query at WARNING, which Python's last-resort handler prints
+    to stderr (the journal): a signed media URL's signature, a polling URL's token. Keep the path only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(a.split("?", 1)[0] + "?(query hidden)" if isinstance(a, str) and "?" in a else a
+                                for a in record.args)
+        return True
+
+
+for _name in ("urllib3.connectionpool", "urllib3.connection", "urllib3.util.retry"):
+    logging.getLogger(_name).addFilter(_QueryHidden())
 
 
 class FreshConnectionAdapter(HTTPAdapter):
@@ -323,7 +449,7 @@ class ApiClient:
             response = self.session.post(self.generate_url, json=body, headers=headers, timeout=self.timeout,
                                          allow_redirects=False)
         except requests.RequestException as exc:
-            reason = f"{type(exc).__name__}: {exc}"
+            reason = transport_failure(exc, self.generate_url)
             if is_safe_to_resend(exc):
                 return SubmitAnswer(SubmitVerdict.RETRY, message=f"not sent: {reason}")
             return SubmitAnswer(SubmitVerdict.AMBIGUOUS, message=f"sent, answer lost: {reason}")
@@ -335,8 +461,8 @@ class ApiClient:
         try:
             response = self.session.get(polling_url, headers=self._api_headers(), timeout=self.timeout,
                                         allow_redirects=False)
-        except requests.RequestException as exc:
-            return PollAnswer(PollVerdict.RETRY, message=f"{type(exc).__name__}: {exc}")
+        except requests.RequestException as exc:  # a polling URL may carry a token in its query
+            return PollAnswer(PollVerdict.RETRY, message=transport_failure(exc, polling_url))
         return decide_poll(response.status_code, response.text, dict(response.headers), self._clock())
 
     def probe_key(self) -> tuple[int | None, str]:
@@ -354,7 +480,8 @@ class ApiClient:
     def download(self, media_url: str, dest: BinaryIO, max_bytes: int) -> int:
         """Stream the result into `dest`; returns the byte count. No key is sent: it is a CDN URL."""
         if not is_http_url(media_url):
-            raise DownloadError(f"refusing to follow a non-http(s) media URL: {excerpt(media_url, 80)}",
+            scheme = urlsplit(media_url).scheme or "none"
+            raise DownloadError(f"refusing to follow a non-http(s) media URL (scheme: {excerpt(scheme, 20)})",
                                 retryable=False)
         try:
             with self.session.get(media_url, stream=True, timeout=self.timeout) as response:
@@ -371,8 +498,8 @@ class ApiClient:
                         raise DownloadError("the result is over api.max_download_mb", retryable=False)
                     dest.write(chunk)
                 return total
-        except requests.RequestException as exc:
-            raise DownloadError(f"{type(exc).__name__} fetching the result: {exc}") from None
+        except requests.RequestException as exc:  # a signed media URL: its query is a secret
+            raise DownloadError(f"fetching the result failed: {transport_failure(exc, media_url)}") from None
 
     def close(self) -> None:
         self.session.close()

@@ -99,10 +99,12 @@ def overdue_reason(submitted_at: float, evidence: PollEvidence, job_timeout: flo
             if evidence.unusable_status in GONE_STATUSES:
                 return "lost_at_provider", (
                     f"the provider no longer knows this job (it may have been paid): its status answered "
-                    f"HTTP {evidence.unusable_status} for {streak:.0f} s, longer than api.job_timeout")
+                    f"HTTP {evidence.unusable_status} for {streak:.0f} s, longer than api.job_timeout "
+                    f"({job_timeout:g} s)")
             return "lost_at_provider", (
                 f"the provider gave no usable status for this job for {streak:.0f} s, longer than "
-                f"api.job_timeout (it may have been paid); last answer: {evidence.unusable_message}")
+                f"api.job_timeout ({job_timeout:g} s; it may have been paid); last answer: "
+                f"{evidence.unusable_message}")
     return None
 
 

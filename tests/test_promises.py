@@ -276,3 +276,26 @@ def test_a_result_placed_before_a_crash_is_adopted_without_fetching_it_again(
     run_daemon(config)
     wait_for(lambda: (folders["archive"] / "scan.jpg").exists(), 15, what="the job finished")
     assert [p.name for p in visible_files(folders["outbox"])] == ["scan.png"]
+
+
+# --------------------------------------------------------------------------- the daemon's own copy gone
+
+
+def test_a_provider_failure_to_fetch_while_the_daemons_copy_was_gone_sends_the_scan_back_not_to_failed(
+        tmp_path, folders, emulator, make_config, run_daemon, captured_logs):
+    emulator.fetch_delay = 1.5
+    config = make_config()
+    run_daemon(config)
+    make_photo(folders["inbox"] / "a.jpg", 200, 150, seed=11, format="JPEG")
+    wait_for(lambda: emulator.stats()["submits_accepted"] == 1, 10, what="the first submit")
+    staging = config.state_dir / "staging"
+    [pinned] = list(staging.iterdir())
+    pinned.unlink()  # the published copy is gone before the provider fetches it
+    emulator.fetch_delay = 0.0
+    wait_for(lambda: (folders["outbox"] / "a.png").exists(), 30, what="the scan restored on a second submit")
+    jobs = emulator.stats()["jobs"]
+    assert [j["status"] for j in jobs] == ["FAILED", "COMPLETED"] and emulator.stats()["submits_received"] == 2
+    assert visible_files(folders["failed"]) == []
+    retried = [e for e in captured_logs if e["event"] == "job.retry_later"]
+    # Counted as an attempt: the accepted submit was the first, this is the second.
+    assert len(retried) == 1 and "unavailable" in retried[0]["reason"] and retried[0]["attempt"] == 2
