@@ -1,19 +1,17 @@
-"""The end of a job, and what every stage works in.
+"""The end of a job: delivering its result, or failing it with the reason.
 
-Delivering: the result into the outbox (atomically, under a name recorded first), then the original
-into the archive. Failing: the original into failed/ beside its .error.json. Each step is recorded
-in the journal before its side effect and is safe to run again after a crash. `Context` is what
-every stage needs; the launch and poll stages (daemon.stages) build on this module.
+Delivering: the result into the outbox (checked, atomically, under a name recorded first with the
+result's hash), then the original into the archive. Failing: the original into failed/ beside its
+.error.json. Each step is recorded in the journal before its side effect and is safe to run again
+after a crash. The launch and poll stages (daemon.stages) build on this module.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import BinaryIO
@@ -21,59 +19,20 @@ from typing import BinaryIO
 import structlog
 from PIL import Image
 
-from .api import ApiClient, DownloadError
+from .api import DownloadError
 from .config import Config
-from .hosting import HostingAdapter, HostingError, key_for_logs
-from .journal import Job, Journal, JobState, StaleTransition
+from .context import Context, changed_since_taken, remove_staged, require_inbox, unpublish
+from .journal import Job, JobState, StaleTransition
 from .logging import mask_secrets
-from .outbox import Folders, claim_name, finish_temp, free_name, move_to, temporary_file, write_json_atomically
+from .outbox import claim_name, finish_temp, free_name, move_to, temporary_file, write_json_atomically
 from .pacing import full_jitter
-from .preflight import PreflightResult, is_environment_fault, sha256_of
-from .watcher import probe_inbox
+from .preflight import is_environment_fault, sha256_of
 
 log = structlog.get_logger("daemon.finishing")
 
 
 def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
-
-
-@dataclass
-class Context:
-    """What the stages need; built once by the service."""
-
-    config: Config
-    journal: Journal
-    host: HostingAdapter
-    api: ApiClient
-    folders: Folders
-    inbox: Path
-    staging: Path
-    notify: Callable[[], None] = lambda: None
-    """Wakes the scheduler, e.g. the moment a job frees its in-flight slot."""
-    wall: Callable[[], float] = time.time
-    stopping: Callable[[], bool] = lambda: False
-    """True once a stop was requested: no new submit is started after that."""
-    poll_now: Callable[[int], None] = lambda job_id: None
-    """Asks the scheduler to poll a job at once (the provider's webhook said it changed)."""
-    watched_inbox: tuple[int, int] | None = None
-    """(device, inode) of the inbox folder the watcher watches, kept current by the scheduler."""
-    prechecked: dict[int, tuple[PreflightResult, int, int]] = field(default_factory=dict)
-    """Preflight results of pending jobs, checked ahead of their slot: (result, size, mtime_ns)."""
-
-
-def size_and_mtime(path: Path) -> tuple[int | None, int | None]:
-    try:
-        st = os.stat(path, follow_symlinks=False)
-    except FileNotFoundError:
-        return None, None
-    return st.st_size, st.st_mtime_ns
-
-
-def changed_since_taken(source: Path, job: Job) -> bool:
-    """True when the file in the inbox is no longer the content this job recorded (gone is not changed)."""
-    stat_key = size_and_mtime(source)
-    return stat_key != (None, None) and stat_key != (job.size, job.mtime_ns)
 
 
 # --------------------------------------------------------------------------- deliver
@@ -291,69 +250,9 @@ def finish_failing(ctx: Context, job: Job, api_error: str | None = None) -> None
               reason=job.last_error, moved_to=str(final) if final else None)
 
 
-# --------------------------------------------------------------------------- helpers
-
-
 def _is_record_of(path: Path, job: Job) -> bool:
     """True if `path` is this job's error record (already written before a crash)."""
     try:
         return json.loads(path.read_text(encoding="utf-8")).get("job_id") == job.id
     except (OSError, ValueError, AttributeError):
         return False
-
-
-def unpublish(ctx: Context, job: Job) -> None:
-    if job.hosted_key:
-        ctx.host.close_callback(job.hosted_key)
-        try:
-            ctx.host.unpublish(job.hosted_key)
-        except HostingError as exc:
-            log.warning("file.unpublish_failed", rel_path=job.rel_path, job_id=job.id,
-                        key=key_for_logs(job.hosted_key), error=str(exc))
-            return
-        log.debug("file.unpublished", rel_path=job.rel_path, job_id=job.id, key=key_for_logs(job.hosted_key))
-
-
-def remove_staged(ctx: Context, job: Job) -> None:
-    """Remove this job's pinned copy and any PNG made from it (the job no longer needs them)."""
-    for path in staged_files(ctx.staging, job.id):
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-
-
-def staged_files(staging: Path, job_id: int) -> list[Path]:
-    """The files preflight made for one job: the pin `job-<id>-<name>` and the PNG `job-<id>.png`."""
-    try:
-        names = os.listdir(staging)
-    except FileNotFoundError:
-        return []
-    return [staging / n for n in names if staged_job_id(n) == job_id]
-
-
-def staged_job_id(name: str) -> int | None:
-    """The job a staging file belongs to, from its name; None for anything else (temporaries)."""
-    head = name.split(".", 1)[0].split("-", 2)
-    if len(head) >= 2 and head[0] == "job" and head[1].isdigit():
-        return int(head[1])
-    return None
-
-
-class InboxUnavailable(OSError):
-    """The inbox folder itself is missing or unreadable: an environment fault, not a vanished file."""
-
-
-def require_inbox(ctx: Context) -> None:
-    """Raise InboxUnavailable when a job's source is missing because the whole inbox is.
-
-    A share unmounted or a disk pulled is no reason to drop the job or skip its archiving: raised
-    from a stage, the scheduler keeps the job and retries it later. The watcher's verdict (recorded
-    in the journal) also covers an unmounted share whose empty mount point still looks like a folder,
-    and so, before the watcher has noticed, does comparing the folder with the one it watches: an
-    unmounted share leaves the mount point, another folder, in its place.
-    """
-    identity, reason = probe_inbox(ctx.inbox)
-    reason = ctx.journal.get_meta("inbox_unavailable") or reason
-    if reason is None and ctx.watched_inbox is not None and identity != ctx.watched_inbox:
-        reason = "the folder at its path is not the one being watched (a share unmounted?)"
-    if reason is not None:
-        raise InboxUnavailable(f"the inbox is unavailable ({reason}); the job waits for it")

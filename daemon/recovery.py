@@ -14,10 +14,11 @@ from pathlib import Path
 
 import structlog
 
-from .finishing import staged_job_id
+from .context import Context, staged_job_id, unpublish
+from .finishing import fail
 from .journal import FINAL_STATES, Job, JobState
 from .outbox import remove_temporaries
-from .stages import RESEND_HINT, Context, fail, unpublish
+from .stages import RESEND_HINT
 
 log = structlog.get_logger("daemon.recovery")
 

@@ -21,9 +21,9 @@ from .outbox import move_to, numbered
 log = structlog.get_logger("daemon.retry")
 
 FRESH_START = dict(sha256=None, upload_path=None, hosted_key=None, request_id=None, polling_url=None,
-                   remote_status=None, media_url=None, output_path=None, output_sha256=None, final_path=None, submit_attempts=0,
-                   download_attempts=0, not_before=0.0, last_error=None, error_kind=None, submitted_at=None,
-                   finished_at=None, duplicate_of=None)
+                   remote_status=None, media_url=None, output_path=None, output_sha256=None, final_path=None,
+                   submit_attempts=0, download_attempts=0, not_before=0.0, last_error=None, error_kind=None,
+                   submitted_at=None, finished_at=None, duplicate_of=None)
 """Columns a retried job starts again from: everything learnt on the failed run, except its history."""
 
 

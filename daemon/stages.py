@@ -3,27 +3,25 @@
 Each stage does blocking I/O and records its outcome in the journal before the next side effect,
 so that any of them can be cut short by a crash and simply run again. The scheduler decides *when*
 a stage runs; a stage decides only what its own answer means for its job. What happens after the
-provider (deliver) or instead of it (fail) lives in daemon.finishing.
+provider (deliver) or instead of it (fail) lives in daemon.finishing, and what to do about identical
+content in daemon.duplicates.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import enum
 import os
 import re
-import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
-from .api import (PUBLISHED_URL, DownloadError, PollAnswer, PollVerdict, SubmitAnswer, SubmitVerdict,
-                  choose_polling_url)
-from .finishing import (BadResult, Context, InboxUnavailable, changed_since_taken, deliver, fail, finish_delivery,
-                        finish_failing, placed_output, remove_staged, require_inbox, size_and_mtime, unpublish,
-                        write_result)
+from .api import PUBLISHED_URL, PollVerdict, SubmitAnswer, SubmitVerdict, choose_polling_url
+from .context import (Context, InboxUnavailable, StageOutcome, changed_since_taken, remove_staged, require_inbox,
+                      size_and_mtime, unpublish)
+from .duplicates import handle_twin, wait_for_twin
+from .finishing import deliver, fail, finish_delivery, finish_failing, placed_output
 from .hosting import HostingError, key_for_logs, new_key
 from .journal import Job, JobState
 from .logging import mask_secrets
@@ -42,17 +40,6 @@ __all__ = ["Context", "InboxUnavailable", "StageOutcome", "check_ahead", "delive
 def without_published_url(text: str, key: str) -> str:
     """The provider's words with any URL holding this job's key (a presigned URL is a secret) cut out."""
     return re.sub(r"\S*" + re.escape(key) + r"\S*", PUBLISHED_URL, text)
-
-
-@dataclass(frozen=True)
-class StageOutcome:
-    """What the scheduler needs to hear back from a stage (gating and poll timing)."""
-
-    job_id: int
-    submit: SubmitAnswer | None = None
-    poll: PollAnswer | None = None
-    sent_at: float | None = None
-    """time.monotonic() when the submit left: the start of the provider's clock for this job."""
 
 
 # --------------------------------------------------------------------------- launch
@@ -74,14 +61,14 @@ def launch(ctx: Context, job: Job) -> StageOutcome:
     if job.sha256 and not changed_since_taken(source, job):  # cheap re-check while waiting for a twin
         twin = ctx.journal.find_twin(job)
         if twin is not None and twin.state is not JobState.DONE:
-            return _wait_for_twin(ctx, job, twin)
+            return wait_for_twin(ctx, job, twin)
     job, checked = _pinned_check(ctx, job, source)
     if checked is None:
         return StageOutcome(job.id)
     tried_twins: set[int] = set()
     twin = ctx.journal.find_twin(job)  # an early look, before publishing; enter_submitting is the real guard
     if twin is not None:
-        outcome = _handle_twin(ctx, job, twin, tried_twins)
+        outcome = handle_twin(ctx, job, twin, tried_twins)
         if outcome is not None:
             return outcome
     key = new_key(".png" if checked.content_type == "image/png" else ".jpg")
@@ -105,7 +92,7 @@ def launch(ctx: Context, job: Job) -> StageOutcome:
             break
         # An identical job got there first, after this one had looked: perhaps all the way to done
         # while this copy was being published (a slow upload).
-        outcome = _handle_twin(ctx, ctx.journal.get(job.id), twin, tried_twins)
+        outcome = handle_twin(ctx, ctx.journal.get(job.id), twin, tried_twins)
         if outcome is not None:
             return outcome
     job = submitting
@@ -113,42 +100,6 @@ def launch(ctx: Context, job: Job) -> StageOutcome:
     answer = ctx.api.submit(url, job.params, webhook_url=webhook)
     took = round(time.monotonic() - sent_at, 3)
     return StageOutcome(job.id, submit=_record_submit(ctx, job, answer, took), sent_at=sent_at)
-
-
-class DuplicateAction(str, enum.Enum):
-    """What a job does about an identical job (same content, same parameters)."""
-
-    REUSE = "reuse"
-    """Make this job's output from the twin's result: nothing is paid."""
-    WAIT = "wait"
-    """The twin is on its way (or ahead in the queue): wait for its result instead of paying again."""
-    SUBMIT = "submit"
-    """The twin is done but its result is gone (output collected, media URL expired): pay again."""
-
-
-def duplicate_action(twin: Job, *, tried: bool) -> DuplicateAction:
-    """The decision for one twin; `tried`: its result was already looked for and not found."""
-    if twin.state is JobState.DONE:
-        return DuplicateAction.SUBMIT if tried else DuplicateAction.REUSE
-    if twin.state is JobState.DELIVERING and twin.output_path and not tried:
-        return DuplicateAction.REUSE  # its output is in the outbox already
-    return DuplicateAction.WAIT
-
-
-def _handle_twin(ctx: Context, job: Job, twin: Job, tried_twins: set[int]) -> StageOutcome | None:
-    """Carry out `duplicate_action` for one twin; None means: go on and submit this job."""
-    action = duplicate_action(twin, tried=twin.id in tried_twins)
-    if action is DuplicateAction.REUSE:
-        if _reuse_result(ctx, job, twin):
-            return StageOutcome(job.id)
-        tried_twins.add(twin.id)
-        action = duplicate_action(twin, tried=True)
-        if action is DuplicateAction.SUBMIT:
-            log.info("job.duplicate_result_gone", rel_path=job.rel_path, job_id=job.id, twin=twin.id,
-                     reason="the earlier output and media URL are gone; submitting again")
-    if action is DuplicateAction.WAIT:
-        return _wait_for_twin(ctx, job, twin)
-    return None
 
 
 def _pinned_check(ctx: Context, job: Job, source: Path) -> tuple[Job, PreflightResult | None]:
@@ -254,51 +205,6 @@ def _back_to_waiting(ctx: Context, job: Job, stat_key: tuple[int | None, int | N
     log.info("file.still_being_written", rel_path=job.rel_path, job_id=job.id, detail=reason,
              check_again_in=round(delay, 2))
     ctx.notify()
-
-
-def _wait_for_twin(ctx: Context, job: Job, twin: Job) -> StageOutcome:
-    """Identical content is in flight in another job: wait for its result instead of paying again."""
-    if job.duplicate_of != twin.id:
-        log.info("job.waiting_for_duplicate", rel_path=job.rel_path, job_id=job.id, twin=twin.id,
-                 twin_file=twin.rel_path)
-    delay = max(1.0, ctx.config.api.poll_interval)
-    unpublish(ctx, job)
-    ctx.journal.transition(job, JobState.PENDING, f"waiting for job #{twin.id} with the same content",
-                           duplicate_of=twin.id, not_before=ctx.wall() + delay, hosted_key=None)
-    ctx.notify()
-    return StageOutcome(job.id)
-
-
-def _reuse_result(ctx: Context, job: Job, twin: Job) -> bool:
-    """Produce this job's output from its twin's: a copy of its output, or its media URL again."""
-    twin_output = placed_output(twin)
-    if twin_output is not None:
-        origin = "outbox copy"
-
-        def fill(f):
-            with open(twin_output, "rb") as src:
-                shutil.copyfileobj(src, f, 1024 * 1024)
-    elif twin.state is JobState.DONE and twin.media_url:
-        origin = "media URL"
-
-        def fill(f):
-            ctx.api.download(twin.media_url, f, int(ctx.config.api.max_download_mb * 1024 * 1024))
-    else:
-        return False
-    try:
-        output = write_result(ctx, job, fill)
-    except (DownloadError, BadResult, FileNotFoundError) as exc:
-        log.info("job.duplicate_reuse_failed", rel_path=job.rel_path, job_id=job.id, twin=twin.id, error=str(exc))
-        return False
-    job = ctx.journal.transition(ctx.journal.get(job.id), JobState.DELIVERING,
-                                 f"same content and parameters as job #{twin.id}: result reused",
-                                 duplicate_of=twin.id, output_path=str(output))
-    ctx.journal.add_to_counter("duplicates_skipped")
-    ctx.notify()
-    log.info("job.duplicate", rel_path=job.rel_path, job_id=job.id, twin=twin.id, twin_file=twin.rel_path,
-             reused=origin, output=str(output))
-    finish_delivery(ctx, job)
-    return True
 
 
 def _record_submit(ctx: Context, job: Job, answer: SubmitAnswer, took: float) -> SubmitAnswer:

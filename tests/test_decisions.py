@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 
 from daemon.demo import make_photo
-from daemon.finishing import staged_job_id
+from daemon.context import staged_job_id
+from daemon.duplicates import DuplicateAction, duplicate_action
 from daemon.journal import Job, Journal, JobState
 from daemon.pacing import PollEvidence, overdue_reason
 from daemon.preflight import check_image, pin, pin_holds
-from daemon.stages import DuplicateAction, duplicate_action, looks_like_fetch_failure, still_being_written
+from daemon.stages import looks_like_fetch_failure, still_being_written
 
 PARAMS = {"upscale": 2}
 

@@ -21,7 +21,7 @@ from daemon import stages
 from daemon.api import ApiClient
 from daemon.config import Secret
 from daemon.demo import make_photo
-from daemon.finishing import Context
+from daemon.context import Context
 from daemon.hosting import BuiltinHost, CommandHost
 from daemon.journal import Job, Journal, JobState
 from daemon.outbox import Folders
