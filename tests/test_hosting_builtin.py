@@ -63,21 +63,21 @@ def test_webhook_callbacks_only_answer_their_own_token(tmp_path):
     host.start()
     calls = []
     try:
-        token = new_key("")
-        url = host.open_callback(token, lambda: calls.append(token))
-        assert url == f"{host.public_url}/hook/{token}"
+        key = new_key(".jpg")
+        url = host.open_callback(key, lambda: calls.append(key))
+        assert url.startswith(f"{host.public_url}/hook/") and key[:-4] not in url
         assert requests.post(url, json={"status": "COMPLETED"}, timeout=5).status_code == 204
-        assert calls == [token]
+        assert calls == [key]
         assert requests.post(f"{host.public_url}/hook/{new_key('')}", json={}, timeout=5).status_code == 404
         try:  # an oversized body is refused unread: a 404, or a reset while the client is still sending
             refused = requests.post(url, data=b"x" * (65 * 1024), timeout=5).status_code == 404
         except requests.ConnectionError:
             refused = True
-        assert refused and calls == [token]
+        assert refused and calls == [key]
         assert requests.get(url, timeout=5).status_code == 404
-        host.close_callback(token)
+        host.close_callback(key)
         assert requests.post(url, json={}, timeout=5).status_code == 404
-        assert calls == [token]
+        assert calls == [key]
     finally:
         host.stop()
 

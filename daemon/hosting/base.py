@@ -93,13 +93,16 @@ class HostingAdapter(abc.ABC):
     def stop(self) -> None:
         """Release what `start` took. Published keys the journal still needs survive if they can."""
 
-    def open_callback(self, token: str, on_call: Callable[[], None]) -> str | None:
+    def open_callback(self, key: str, on_call: Callable[[], None]) -> str | None:
         """A URL that calls `on_call` when the provider POSTs to it (its completion webhook), or None.
 
-        Only adapters that run a server reachable by the provider can offer one. The call is a
-        hint, never trusted: the caller answers it by polling with its key.
+        `key` is the published file's; the URL must carry nothing of it (the key fetches the scan,
+        and a webhook URL travels in a header, maybe into the provider's logs). Opening again for
+        the same key keeps the URL and replaces `on_call`. Only adapters that run a server reachable
+        by the provider can offer one. The call is a hint, never trusted: the caller answers it by
+        polling with its key.
         """
         return None
 
-    def close_callback(self, token: str) -> None:
-        """Forget a callback opened by `open_callback`; unknown tokens are fine."""
+    def close_callback(self, key: str) -> None:
+        """Forget the callback opened for the published file `key`; an unknown key is fine."""

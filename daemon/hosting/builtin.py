@@ -8,12 +8,24 @@ Hardened for a station that exposes it directly: optional TLS, only GET and HEAD
 only for webhook tokens), single byte ranges (a fetcher may resume), and a client that keeps asking
 for unknown paths (someone guessing) gets 429 for unknown paths for a while, logged once; published
 files and open webhook tokens are still served to every client.
+
+A flood must not starve the daemon: at most `max_connections` connections are served at once, each
+on its own thread; one more is turned away on the accepting thread (a 503, or for TLS just a close)
+without a thread of its own. A connection has `header_timeout` seconds in all to deliver its request
+head (TLS handshake, request line, headers), however slowly it trickles, so idle or dribbling
+clients give their slots back quickly; after that, each read or write has the ordinary 30 s.
+
+Webhook tokens are random and independent of the file keys: a webhook URL, which travels in a
+request header and may end up in the provider's logs, never tells anyone where the scan is.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.server
+import io
 import re
+import secrets
 import socket
 import ssl
 import threading
@@ -25,7 +37,7 @@ from typing import BinaryIO
 import structlog
 
 from ..config import BuiltinHostConfig, parse_listen
-from .base import HostingAdapter, HostingError, check_regular_file, key_for_logs, open_regular_file
+from .base import KEY_BYTES, HostingAdapter, HostingError, check_regular_file, key_for_logs, open_regular_file
 
 log = structlog.get_logger("daemon.hosting.builtin")
 
@@ -35,6 +47,16 @@ MAX_HOOK_BODY = 64 * 1024
 CHUNK = 256 * 1024
 MISS_WINDOW = 60.0
 """Seconds over which a client's requests for unknown paths are counted."""
+MAX_CONNECTIONS = 64
+"""Connections served at once by default: far above what one provider fetches, far below a flood."""
+HEADER_TIMEOUT = 10.0
+"""Seconds a connection has in all to deliver its request head; a fetcher needs milliseconds."""
+IO_TIMEOUT = 30
+"""Seconds any one read or write may stall once the request is in (a slow link, a busy provider)."""
+CONNECTION_THREAD = "builtin-host-connection"
+"""The name of every thread that serves one connection."""
+BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\n"
+        b"Connection: close\r\n\r\n")
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | str | None:
@@ -66,47 +88,135 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | str | None:
 class MissLimiter:
     """Counts each client's requests for unknown paths; past the limit it is refused until the window ends.
 
-    Pure bookkeeping over an injected clock. The provider never asks for an unknown path except
-    just after a job ended, so a real fetcher stays far below any sensible limit.
+    Pure bookkeeping over an injected clock, behind a lock: every connection's thread counts here,
+    and a lost update could announce the limit twice or never. The provider never asks for an
+    unknown path except just after a job ended, so a real fetcher stays far below any sensible limit.
     """
 
     def __init__(self, limit: int, window: float = MISS_WINDOW) -> None:
         self.limit = limit
         self.window = window
         self._clients: dict[str, tuple[float, int]] = {}
+        self._lock = threading.Lock()
 
     def refused(self, client: str, now: float) -> bool:
         """True while `client` is over the limit in its current window."""
-        started, misses = self._clients.get(client, (now, 0))
+        with self._lock:
+            started, misses = self._clients.get(client, (now, 0))
         return now - started < self.window and misses >= self.limit
 
     def miss(self, client: str, now: float) -> bool:
         """Record one miss; True exactly when this miss takes the client over the limit (log it once)."""
-        started, misses = self._clients.get(client, (now, 0))
-        if now - started >= self.window:
-            started, misses = now, 0
-        self._clients[client] = (started, misses + 1)
-        if len(self._clients) > 10_000:  # forget finished windows so a scan of many addresses cannot grow this
-            self._clients = {c: v for c, v in self._clients.items() if now - v[0] < self.window}
+        with self._lock:
+            started, misses = self._clients.get(client, (now, 0))
+            if now - started >= self.window:
+                started, misses = now, 0
+            self._clients[client] = (started, misses + 1)
+            if len(self._clients) > 10_000:  # forget finished windows so a scan of many addresses cannot grow this
+                self._clients = {c: v for c, v in self._clients.items() if now - v[0] < self.window}
         return misses + 1 == self.limit
 
 
 class _Server(http.server.ThreadingHTTPServer):
+    """One thread per connection, at most `max_connections` of them; the rest are turned away at once."""
+
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 64  # the stdlib's 5 drops connections when a provider fetches in bursts
+
+    def __init__(self, address: tuple[str, int], handler: type, max_connections: int) -> None:
+        self.max_connections = max_connections
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._turned_away = 0
+        self._last_busy_log = -MISS_WINDOW
+        super().__init__(address, handler)
+
+    def process_request(self, request: socket.socket, client_address: tuple) -> None:
+        """Runs on the accepting thread, so it never waits: a free slot gets a thread, else a refusal."""
+        if not self._slots.acquire(blocking=False):
+            self._turn_away(request)
+            return
+        thread = threading.Thread(target=self.process_request_thread, args=(request, client_address),
+                                  name=CONNECTION_THREAD, daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:  # no thread to be had (the unit's TasksMax, the machine's limit)
+            self._slots.release()
+            self._turn_away(request)
+
+    def process_request_thread(self, request: socket.socket, client_address: tuple) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def _turn_away(self, request: socket.socket) -> None:
+        """A 503 if it fits the socket's buffer right now (never for TLS: that needs a handshake), then close.
+
+        Nothing here may wait: this is the accepting thread. What the client already sent is read
+        off first, so the close is a FIN the client can read the 503 before, not a reset.
+        """
+        with contextlib.suppress(OSError):
+            request.setblocking(False)
+            if not isinstance(request, ssl.SSLSocket):
+                request.send(BUSY)
+                request.recv(65536)
+        self.shutdown_request(request)
+        self._turned_away += 1
+        now = time.monotonic()
+        if now - self._last_busy_log >= MISS_WINDOW:  # a flood is logged once a minute, not once a connection
+            self._last_busy_log = now
+            log.warning("hosting.busy", max_connections=self.max_connections, turned_away_total=self._turned_away,
+                        detail="no connection slot free (a flood?); further connections are refused until one frees")
 
 
 class _Server6(_Server):
     address_family = socket.AF_INET6
 
 
+class _DeadlineReader(io.RawIOBase):
+    """A connection's incoming bytes, with one deadline for a whole stretch of reading.
+
+    A socket's own timeout starts again with every byte received, so a client that trickles its
+    request a byte at a time would hold its slot for ever; a deadline bounds the request head.
+    """
+
+    def __init__(self, connection: socket.socket, deadline: float) -> None:
+        super().__init__()
+        self.connection = connection
+        self.deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request did not arrive in time")
+        self.connection.settimeout(left)
+        return self.connection.recv_into(buffer)
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     server_version = "codeformer-daemon"
     disable_nagle_algorithm = True  # headers and body go out in separate writes: no 40 ms stall
     sys_version = ""
-    timeout = 30  # a client that stalls (or never finishes a TLS handshake) only holds its own thread
+    timeout = IO_TIMEOUT  # once the request is in: a read or write stalled this long ends the connection
     host: "BuiltinHost"
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()  # the stdlib's reader, replaced by one with a deadline for the request head
+        self._reader = _DeadlineReader(self.connection, time.monotonic() + self.host.header_timeout)
+        self.rfile = io.BufferedReader(self._reader)
+
+    def parse_request(self) -> bool:
+        """The stdlib's parsing (it reads the headers, still under the head's deadline); then the
+        ordinary timeout for whatever follows (a webhook's body, the answer)."""
+        parsed = super().parse_request()
+        self._reader.deadline = time.monotonic() + self.timeout
+        self.connection.settimeout(self.timeout)
+        return parsed
 
     def do_GET(self) -> None:
         self._serve(with_body=True)
@@ -125,7 +235,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         """The provider's completion webhook: only known tokens, body read and ignored."""
         match = _HOOK_PATH.match(self.path)
-        on_call = self.host._callbacks.get(match.group(1)) if match else None
+        on_call = self.host._callback(match.group(1)) if match else None
         length = self.headers.get("Content-Length", "0")
         if on_call is None or not length.isdigit() or int(length) > MAX_HOOK_BODY:
             self._unknown()
@@ -226,13 +336,17 @@ class BuiltinHost(HostingAdapter):
     name = "builtin"
 
     def __init__(self, listen: str, public_url: str | None = None, *, tls_cert: Path | None = None,
-                 tls_key: Path | None = None, max_misses_per_minute: int = 30) -> None:
+                 tls_key: Path | None = None, max_misses_per_minute: int = 30,
+                 max_connections: int = MAX_CONNECTIONS, header_timeout: float = HEADER_TIMEOUT) -> None:
         self.listen = listen
         self._public_url = public_url.rstrip("/") if public_url else None
         self._tls = (tls_cert, tls_key) if tls_cert and tls_key else None
         self._limiter = MissLimiter(max_misses_per_minute)
+        self.max_connections = max_connections
+        self.header_timeout = header_timeout
         self._files: dict[str, tuple[Path, str]] = {}
-        self._callbacks: dict[str, Callable[[], None]] = {}
+        self._hook_tokens: dict[str, str] = {}  # file key -> its webhook token
+        self._callbacks: dict[str, Callable[[], None]] = {}  # webhook token -> what a call does
         self._lock = threading.Lock()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -240,7 +354,7 @@ class BuiltinHost(HostingAdapter):
     @classmethod
     def from_config(cls, config: BuiltinHostConfig) -> "BuiltinHost":
         return cls(config.listen, config.public_url, tls_cert=config.tls_cert, tls_key=config.tls_key,
-                   max_misses_per_minute=config.max_misses_per_minute)
+                   max_misses_per_minute=config.max_misses_per_minute, max_connections=config.max_connections)
 
     @property
     def public_url(self) -> str:
@@ -259,7 +373,7 @@ class BuiltinHost(HostingAdapter):
         server_class = _Server6 if ":" in host else _Server
         handler = type("Handler", (_Handler,), {"host": self})
         try:
-            self._server = server_class((host, port), handler)
+            self._server = server_class((host, port), handler, self.max_connections)
         except OSError as exc:
             raise HostingError(f"hosting.builtin.listen: cannot listen on {self.listen}: {exc.strerror}") from None
         if self._tls:
@@ -291,22 +405,41 @@ class BuiltinHost(HostingAdapter):
         return f"{self.public_url}/{key}"
 
     def unpublish(self, key: str) -> None:
+        """Also closes the key's webhook: once its file is gone the job is over, and so is its use."""
         with self._lock:
             self._files.pop(key, None)
+            self._forget_callback(key)
 
     def sweep(self, keep: set[str]) -> int:
         with self._lock:
             orphans = [k for k in self._files if k not in keep]
             for key in orphans:
                 del self._files[key]
+            for key in [k for k in self._hook_tokens if k not in keep]:
+                self._forget_callback(key)
         return len(orphans)
 
-    def open_callback(self, token: str, on_call: Callable[[], None]) -> str | None:
-        self._callbacks[token] = on_call
-        return f"{self.public_url}/hook/{token}"
+    def open_callback(self, key: str, on_call: Callable[[], None]) -> str | None:
+        """A webhook at a token of its own, drawn afresh for each key: nothing in it leads to the file."""
+        base = self.public_url
+        with self._lock:
+            token = self._hook_tokens.setdefault(key, secrets.token_urlsafe(KEY_BYTES))
+            self._callbacks[token] = on_call
+        return f"{base}/hook/{token}"
 
-    def close_callback(self, token: str) -> None:
-        self._callbacks.pop(token, None)
+    def close_callback(self, key: str) -> None:
+        with self._lock:
+            self._forget_callback(key)
+
+    def _forget_callback(self, key: str) -> None:
+        """Drop `key`'s webhook token and what it called; the caller holds the lock."""
+        token = self._hook_tokens.pop(key, None)
+        if token is not None:
+            self._callbacks.pop(token, None)
+
+    def _callback(self, token: str) -> Callable[[], None] | None:
+        with self._lock:
+            return self._callbacks.get(token)
 
     def published_count(self) -> int:
         with self._lock:

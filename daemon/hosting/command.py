@@ -6,9 +6,17 @@ to upload), `{key}` (the random remote name: the original name never leaves the 
 `{content_type}`; unpublish knows only `{key}`. The URL handed to the provider is
 `url_template` with `{key}` filled in, or else the last non-empty line the publish command prints.
 
-Programs run with the daemon's environment minus the API key, in a session of their own so that a
-timeout kills whatever they started too. A command cannot list what it published, so `sweep`
-removes nothing (0): a lifecycle rule on the remote side is the safety net for a crash's orphans.
+Programs run in a session of their own, so that a timeout kills whatever they started too, with the
+daemon's environment minus what was handed to the daemon itself (`child_environment`): every
+`CODEFORMER_*` variable (the API key among them), and what systemd gives the service's main process
+(`CREDENTIALS_DIRECTORY`, where the API key and the other adapters' credentials are; the notify,
+watchdog and socket-activation variables, which speak for the daemon). What the operator set for the
+program (`RCLONE_*`, `AWS_*`, `SSH_AUTH_SOCK`, `HOME`, `PATH`) passes through: with this adapter the
+daemon itself uses none of it. This keeps secrets out of a script that logs its environment, but
+it is no sandbox: the program runs as the daemon's user, who can read /run/credentials/ anyway.
+
+A command cannot list what it published, so `sweep` removes nothing (0): a lifecycle rule on the
+remote side is the safety net for a crash's orphans.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from urllib.parse import urlsplit
 
 import structlog
 
-from ..config import API_KEY_ENV, CommandHostConfig
+from ..config import CommandHostConfig
 from .base import HostingAdapter, HostingError, check_regular_file, key_for_logs
 from .remote import tail
 
@@ -31,6 +39,20 @@ log = structlog.get_logger("daemon.hosting.command")
 
 KILL_GRACE = 5.0
 """Seconds to collect a killed command's output before giving up on it."""
+DAEMON_PREFIX = "CODEFORMER_"
+"""The daemon's own variables (its API key is CODEFORMER_API_KEY): none is for the program."""
+SERVICE_HANDOVER = frozenset({
+    "CREDENTIALS_DIRECTORY",  # LoadCredential=: the API key, the S3 and WebDAV secrets
+    "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID",  # sd_notify: only the daemon speaks for itself
+    "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES",  # socket activation: sockets meant for the daemon
+})
+"""What systemd hands the service's main process; a program it runs must not take it for its own."""
+
+
+def child_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """`environ` without the daemon's own variables and systemd's hand-over to the daemon (see above)."""
+    return {name: value for name, value in environ.items()
+            if not name.startswith(DAEMON_PREFIX) and name not in SERVICE_HANDOVER}
 
 
 class CommandHost(HostingAdapter):
@@ -43,7 +65,7 @@ class CommandHost(HostingAdapter):
             raise HostingError("hosting.command.publish: publish and unpublish are required")
         self.settings = settings
         source = os.environ if environ is None else environ
-        self._environ = {k: v for k, v in source.items() if k != API_KEY_ENV}
+        self._environ = child_environment(source)
 
     def start(self) -> None:
         for which, argv in (("publish", self.settings.publish), ("unpublish", self.settings.unpublish)):
