@@ -1,6 +1,7 @@
 """`codeformer-daemon check`: is this station ready? Proven without spending anything.
 
-Checks the configuration, that the folders are writable, that the provider accepts the key (a
+Checks the configuration (and warns about a built-in host's public URL no provider out on the
+internet can reach), that the folders are writable, that the provider accepts the key (a
 status request for an id that cannot exist answers 404 to a good key and 401/403 to a bad one), and
 a publish -> fetch -> unpublish round trip of a small probe image through the configured hosting
 adapter. No job is ever submitted. Published URLs may be secrets (presigned): they are never printed.
@@ -17,7 +18,7 @@ import requests
 from PIL import Image
 
 from .api import ApiClient
-from .config import Config, ConfigError, Secret, load_config, resolve_api_key
+from .config import Config, ConfigError, Secret, builtin_public_url_problem, load_config, resolve_api_key
 from .hosting import HostingError, create_adapter, key_for_logs, new_key
 from .logging import register_secret
 
@@ -27,9 +28,22 @@ class CheckResult:
     name: str
     ok: bool
     detail: str
+    warning: bool = False
+    """Passed, but something will likely go wrong later: printed as WARN, the exit code stays 0."""
 
     def line(self) -> str:
-        return f"{'ok  ' if self.ok else 'FAIL'}  {self.name}: {self.detail}"
+        verdict = "FAIL" if not self.ok else "WARN" if self.warning else "ok  "
+        return f"{verdict}  {self.name}: {self.detail}"
+
+
+def judge_public_url(config: Config) -> CheckResult | None:
+    """A warning when the provider could not fetch from the built-in host, whatever the round trip says."""
+    problem = builtin_public_url_problem(config)
+    if problem is None:
+        return None
+    return CheckResult("public url", True, f"{problem} (the round trip below fetches from this station, so its ok "
+                                           "says nothing about the provider; `run` refuses to start like this)",
+                       warning=True)
 
 
 def judge_key_probe(status: int | None, error: str, status_url: str, key_source: str) -> CheckResult:
@@ -126,6 +140,9 @@ def run_checks(config_path: str | Path) -> tuple[list[CheckResult], bool]:
         key = None
     if key is not None:
         results.append(_key_check(config, key))
+    public_url = judge_public_url(config)
+    if public_url is not None:
+        results.append(public_url)
     results.extend(hosting_round_trip(config, (config.api.connect_timeout, config.api.read_timeout)))
     return results, False
 

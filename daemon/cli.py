@@ -13,7 +13,7 @@ import structlog
 
 from . import __version__
 from . import logging as daemon_logging
-from .config import ConfigError, load_config, resolve_api_key
+from .config import ConfigError, load_config, resolve_api_key, validate_for_run
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -30,6 +30,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         config = load_config(args.config)
+        validate_for_run(config)
         api_key = resolve_api_key(config)
     except ConfigError as exc:
         return _error(f"configuration error: {exc}", EXIT_CONFIG)

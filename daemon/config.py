@@ -114,6 +114,8 @@ class BuiltinHostConfig:
     tls_key: Path | None = None
     max_misses_per_minute: int = field(default=30, metadata=_range(1, 100_000))
     """Requests for unknown paths one client may make per minute before it is refused for a while."""
+    max_connections: int = field(default=64, metadata=_range(1, 256))
+    """Connections served at once (a thread each); more are turned away. The units' TasksMax allows for 256."""
 
 
 S3_URL_EXPIRY_MARGIN = 600
@@ -419,6 +421,80 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{key}: {path} exists and is not a directory")
     if config.api.job_timeout <= config.api.poll_interval:
         raise ConfigError("api.job_timeout: must be longer than api.poll_interval")
+
+
+LOCAL_NAME_SUFFIXES = (".local", ".home.arpa", ".internal")
+"""Names only the local network resolves (mDNS, RFC 8375, ICANN's private-use TLD)."""
+
+
+def _local_host_kind(host: str | None) -> str | None:
+    """Why no one out on the internet can reach `host` ('loopback', ...), or None for a reachable-looking host."""
+    import ipaddress
+
+    host = (host or "").rstrip(".").lower()
+    if not host:
+        return "missing"
+    if host == "localhost" or host.endswith(".localhost"):
+        return "loopback"
+    if host.endswith(LOCAL_NAME_SUFFIXES):
+        return "local-only name"
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])  # drop an IPv6 zone (fe80::1%eth0)
+    except ValueError:
+        return None  # any other name: what it resolves to is DNS's business, not ours
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_unspecified:
+        return "unspecified"
+    if ip.is_loopback:
+        return "loopback"
+    if not ip.is_global:  # private, link-local, carrier-grade NAT (100.64/10), documentation ranges
+        return "private"
+    return None
+
+
+_WHY_UNREACHABLE = {
+    "missing": "has no host",
+    "unspecified": "is the unspecified address (every interface to a server, nowhere to a client)",
+    "loopback": "is a loopback address (this station only)",
+    "private": "is a private or link-local address (this network only)",
+    "local-only name": "is a name only the local network resolves",
+}
+
+
+def builtin_public_url_problem(config: Config) -> str | None:
+    """What is wrong with the built-in host's public URL for the provider, or None.
+
+    The provider fetches every scan from this URL: null (the listen address, usually 0.0.0.0) or a
+    local address passes a check run on this station and fails at the provider. With api.base_url
+    on loopback (the emulator, the demo, the tests) the fetcher is this station and anything goes.
+    """
+    from urllib.parse import urlsplit
+
+    if config.hosting.adapter != "builtin" or _local_host_kind(urlsplit(config.api.base_url).hostname) == "loopback":
+        return None
+    builtin = config.hosting.builtin
+    fix = ("set it to the address the provider can reach, such as https://scans.example.org:8089, and "
+           f"forward that port to hosting.builtin.listen ({builtin.listen})")
+    if builtin.public_url is None:
+        scheme = "https" if builtin.tls_cert else "http"
+        return (f"hosting.builtin.public_url: not set, so scans would be offered at the listen address "
+                f"({scheme}://{builtin.listen}/...), which the provider cannot reach from outside; {fix}")
+    host = urlsplit(builtin.public_url).hostname
+    kind = _local_host_kind(host)
+    if kind is None:
+        return None
+    # The host only, never the whole URL: it may carry credentials.
+    shown = "" if not host else f" [{host}]" if ":" in host else f" {host}"
+    return (f"hosting.builtin.public_url: its host{shown} {_WHY_UNREACHABLE[kind]}, which the provider "
+            f"cannot reach from outside; {fix}")
+
+
+def validate_for_run(config: Config) -> None:
+    """What only `run` refuses: `status`, `retry` and `check` still work with such a file (check warns)."""
+    problem = builtin_public_url_problem(config)
+    if problem is not None:
+        raise ConfigError(problem)
 
 
 def config_from_mapping(data: Any, base_dir: Path) -> Config:
