@@ -16,10 +16,10 @@ from daemon.api import (
     choose_polling_url,
     decide_poll,
     decide_submit,
-    is_safe_to_resend,
     parse_retry_after,
 )
 from daemon.config import ApiConfig
+from daemon.transport import is_safe_to_resend
 
 NOW = 1_800_000_000.0
 ACCEPTED = json.dumps({"request_id": "codeformer-image-restoration_1", "status": "QUEUED",

@@ -25,8 +25,8 @@ import pytest
 import requests
 import urllib3
 
-from daemon.api import (PUBLISHED_URL, ApiClient, DownloadError, PollVerdict, SubmitVerdict, decide_submit,
-                        error_message, is_safe_to_resend, transport_retry)
+from daemon.api import PUBLISHED_URL, ApiClient, DownloadError, PollVerdict, SubmitVerdict, decide_submit, error_message
+from daemon.transport import is_safe_to_resend, transport_retry
 from daemon.config import ApiConfig, Secret
 from daemon.demo import make_photo
 from daemon.stages import RESEND_HINT
