@@ -18,7 +18,7 @@ import requests
 
 from daemon.config import API_KEY_ENV, BuiltinHostConfig, CommandHostConfig, ConfigError, config_from_mapping
 from daemon.hosting import BuiltinHost, CommandHost, new_key
-from daemon.hosting.builtin import CONNECTION_THREAD, MissLimiter
+from daemon.hosting.limits import CONNECTION_THREAD, MissLimiter
 
 from .conftest import config_mapping, wait_for
 
