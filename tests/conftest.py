@@ -110,6 +110,18 @@ class RunningDaemon:
         self.thread.join(timeout)
         assert not self.thread.is_alive(), "daemon did not stop"
 
+    def wait_for_passes(self, seconds: float = 0.0, timeout: float = 20) -> None:
+        """Wait until the scheduler's loop has kept passing for `seconds` more of its own clock, and then
+        one whole pass more (begun after that), so every step has had its chance.
+
+        For checks that something must NOT happen: a bare sleep also passes while the loop is stuck.
+        """
+        scheduler = self.service.scheduler
+        until = scheduler.clock() + seconds
+        wait_for(lambda: scheduler.last_pass >= until, seconds + timeout, what=f"{seconds} s of loop passes")
+        ended = scheduler.last_pass
+        wait_for(lambda: scheduler.last_pass > ended, timeout, what="one more whole loop pass")
+
 
 @pytest.fixture
 def run_daemon() -> Iterator[Callable[..., RunningDaemon]]:

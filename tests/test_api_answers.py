@@ -13,7 +13,7 @@ from pathlib import Path
 
 from daemon.cli import render_status
 from daemon.demo import make_photo
-from daemon.journal import Journal
+from daemon.journal import IN_FLIGHT_STATES, Journal, JobState
 from daemon.service import journal_path
 
 from .conftest import API_KEY, config_mapping, free_port, visible_files, wait_for, write_config
@@ -48,6 +48,25 @@ def wait_for_status(config, text: str) -> None:
     wait_for(lambda: text in status_text(config), 5, what=f"status: {text}")
 
 
+def submitted_at(config) -> float:
+    """When the daemon recorded its only job as accepted by the provider (its own wall clock)."""
+    journal = Journal(journal_path(config), read_only=True)
+    try:
+        [job] = journal.jobs_in(*JobState)
+        return job.submitted_at
+    finally:
+        journal.close()
+
+
+def wait_until_requeued(daemon, waiting: int) -> None:
+    """The refused submits are answered: nothing in flight, `waiting` jobs pending (or, wrongly, failed:
+    the caller's assertions then say so)."""
+    journal = daemon.service.journal
+    wait_for(lambda: journal.count_in(*IN_FLIGHT_STATES, JobState.FAILING) == 0
+             and journal.count_in(JobState.PENDING, JobState.FAILED) == waiting,
+             10, what=f"{waiting} jobs waiting, none in flight")
+
+
 def events(logs, name: str) -> list[dict]:
     return [e for e in logs if e["event"] == name]
 
@@ -63,12 +82,13 @@ def test_an_empty_wallet_pauses_submits_and_they_resume_when_topped_up(
         folders, emulator, make_config, run_daemon, captured_logs):
     emulator.balance = 2
     config = make_config()
-    run_daemon(config)
+    daemon = run_daemon(config)
     names = [f"scan{i}.jpg" for i in range(5)]
     drop(folders["inbox"], *names)
     wait_for(lambda: len(outputs(folders)) == 2 and "paused: insufficient balance" in status_text(config), 20,
              what="two restored, then a pause")
-    time.sleep(1.0)
+    wait_until_requeued(daemon, 3)
+    daemon.wait_for_passes(1.0)  # the loop goes on passing while paused: still nothing more may happen
     assert len(outputs(folders)) == 2
     assert len(visible_files(folders["inbox"])) == 3, "the other three wait in the inbox"
     assert not visible_files(folders["failed"])
@@ -91,10 +111,11 @@ def test_a_revoked_key_stops_submits_keeps_every_file_and_resumes_when_the_key_w
         folders, emulator, make_config, run_daemon, captured_logs):
     emulator.revoked_keys = {API_KEY}
     config = make_config()
-    run_daemon(config)
+    daemon = run_daemon(config)
     drop(folders["inbox"], "a.jpg", "b.jpg", "c.jpg")
     wait_for(lambda: "paused: key rejected" in status_text(config), 15, what="a pause for the key")
-    time.sleep(1.0)
+    wait_until_requeued(daemon, 3)
+    daemon.wait_for_passes(1.0)  # the loop goes on passing while paused: still nothing more may happen
     assert len(visible_files(folders["inbox"])) == 3 and not visible_files(folders["failed"])
     assert emulator.stats()["submits_accepted"] == 0
     [paused] = events(captured_logs, "submits.paused")
@@ -114,7 +135,13 @@ def test_a_key_revoked_while_jobs_are_at_the_provider_does_not_time_them_out(
     wait_for(lambda: emulator.stats()["submits_accepted"] == 1, 10, what="the submit")
     emulator.revoked_keys = {API_KEY}
     wait_for(lambda: "paused: key rejected" in status_text(config), 10, what="a pause from the polls")
-    time.sleep(3.0)  # past api.job_timeout: the daemon could not ask, so it must not give up
+    # Past api.job_timeout the daemon could not ask, so it must not give up: let it poll (refused) a few
+    # times after the deadline; each of those passes looked for overdue jobs just before polling.
+    deadline = submitted_at(config) + config.api.job_timeout
+    wait_for(lambda: time.time() > deadline, 10, what="api.job_timeout to pass")
+    polls = emulator.stats()["polls"]
+    wait_for(lambda: emulator.stats()["polls"] >= polls + 3 or visible_files(folders["failed"]), 10,
+             what="three refused polls after the deadline")
     assert not visible_files(folders["failed"])
     emulator.revoked_keys = set()
     wait_for(lambda: outputs(folders) == ["scan.png"], 20, what="the result once polls work again")
@@ -201,13 +228,13 @@ def test_a_submit_whose_answer_times_out_is_never_resent(folders, emulator, make
     emulator.hang_seconds = 3.0
     emulator.inject("submit_timeout")
     config = make_config(api={"read_timeout": 0.5})
-    run_daemon(config)
+    daemon = run_daemon(config)
     drop(folders["inbox"], "lost.jpg")
     record = failure_record(folders, "lost.jpg")
     assert record["stage"] == "submit_ambiguous" and "retry" in record["reason"]
-    time.sleep(1.0)
+    wait_for_status(config, "lost.jpg: the submit may have reached the provider")  # FAILED in the journal
+    daemon.wait_for_passes(1.0)  # and the loop ran on for a while after
     assert emulator.stats()["submits_received"] == 1, "never resent: it may have been paid for"
-    wait_for_status(config, "lost.jpg: the submit may have reached the provider")
 
 
 # --------------------------------------------------------------------------- 400
@@ -341,7 +368,11 @@ def test_a_job_finished_while_the_daemon_was_down_past_job_timeout_is_delivered_
     drop(folders["inbox"], "scan.jpg")
     wait_for(lambda: emulator.stats()["submits_accepted"] == 1, 10, what="the submit")
     first.stop()
-    time.sleep(2.5)  # the provider finishes; the deadline passes while nobody is asking
+    # The provider finishes and the deadline passes while nobody is asking.
+    deadline = submitted_at(config) + config.api.job_timeout
+    wait_for(lambda: [j["status"] for j in emulator.stats()["jobs"]] == ["COMPLETED"], 10,
+             what="the provider to finish the job")
+    wait_for(lambda: time.time() > deadline, 10, what="api.job_timeout to pass")
     run_daemon(config)
     wait_for(lambda: outputs(folders) == ["scan.png"], 20, what="the result after the restart")
     assert not visible_files(folders["failed"]) and emulator.stats()["submits_accepted"] == 1

@@ -437,10 +437,12 @@ def test_stop_is_quick_and_removes_outputs(site, image_url):
     submit_ok(gateway, image_url)
     assert gateway.wait_idle(5) and os.listdir(output_dir)
     gateway.latency = 30
-    submit_ok(gateway, image_url)
+    slow = submit_ok(gateway, image_url)
     begun = time.monotonic()
     gateway.stop()
     assert time.monotonic() - begun < 2
+    # Interrupted, not abandoned (stop gives up joining after STOP_JOIN_SECONDS, which is within the 2 s above).
+    assert f"emulator-{slow}" not in [t.name for t in threading.enumerate()], "the 30 s job is still running"
     assert not os.path.exists(output_dir)
 
 
@@ -454,11 +456,11 @@ def test_admin_endpoints(emu, image_url):
     assert over_http["submits_accepted"] == 1 and over_http["jobs"][0]["status"] == "COMPLETED"
 
     settings = {"latency": 0.01, "max_concurrent": 2, "balance": 3, "rate_limit": 50,
-                "model_disabled": True, "revoked_keys": ["old"], "hang_seconds": 2}
+                "model_disabled": True, "revoked_keys": ["old"], "hang_seconds": 2, "fetch_delay": 0.5}
     response = requests.post(f"{emu.url}/_emulator/settings", json=settings, timeout=5)
     assert response.status_code == 200 and response.json() == settings
     assert (emu.latency, emu.max_concurrent, emu.balance, emu.rate_limit, emu.model_disabled,
-            emu.revoked_keys, emu.hang_seconds) == (0.01, 2, 3, 50, True, {"old"}, 2)
+            emu.revoked_keys, emu.hang_seconds, emu.fetch_delay) == (0.01, 2, 3, 50, True, {"old"}, 2, 0.5)
     for bad in ({"latency": -1}, {"colour": "red"}, {"max_concurrent": 1.5}):
         assert requests.post(f"{emu.url}/_emulator/settings", json=bad, timeout=5).status_code == 400
 

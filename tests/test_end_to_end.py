@@ -110,13 +110,19 @@ def test_files_already_in_the_inbox_at_start_up_are_processed(folders, emulator,
 def test_half_written_file_is_not_published_before_it_is_complete(tmp_path, folders, emulator, make_config,
                                                                    run_daemon):
     config = make_config(watch={"settle_seconds": 0.3})
-    run_daemon(config)
+    daemon = run_daemon(config)
+    watcher = daemon.service.watcher
     data = make_photo(tmp_path / "whole.jpg", 400, 300, seed=9, format="JPEG").read_bytes()
     target = folders["inbox"] / "scanning.jpg"
     with open(target, "wb") as f:
         f.write(data[: len(data) // 2])
         f.flush()
-        time.sleep(config.watch.settle_seconds * 5)  # far past the settle time, but still open for writing
+        # The daemon has seen the half, and its loop ran past the settle time: still open for writing, untaken.
+        wait_for(lambda: "scanning.jpg" in watcher._tracker, 5, what="the watcher to see the file")
+        daemon.wait_for_passes()  # every event of the writes so far drained
+        daemon.wait_for_passes(config.watch.settle_seconds)
+        assert "scanning.jpg" in watcher._tracker, "taken while still open for writing"
+        assert daemon.service.journal.active_paths() == set()
         assert emulator.stats()["submits_received"] == 0
         f.write(data[len(data) // 2:])
     wait_for(lambda: (folders["outbox"] / "scanning.png").exists(), 20, what="output")

@@ -18,9 +18,28 @@ def journal(tmp_path):
     j.close()
 
 
-def test_journal_is_wal_with_full_sync(journal):
-    assert journal._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+def test_journal_is_wal_with_full_sync(tmp_path, monkeypatch):
+    """The journal itself asks for WAL and FULL; a library whose defaults are weaker must not weaken it.
+
+    SQLite's usual compiled default is already FULL, so every connection here starts at OFF first (as a build
+    with a weaker default would): only the journal's own PRAGMA can bring it back to FULL.
+    """
+    real_connect = sqlite3.connect
+
+    def connect_with_weak_defaults(*args, **kwargs):
+        db = real_connect(*args, **kwargs)
+        db.execute("PRAGMA synchronous = OFF")
+        return db
+
+    monkeypatch.setattr(sqlite3, "connect", connect_with_weak_defaults)
+    path = tmp_path / "journal.sqlite3"
+    journal = Journal(path)
+    journal.add_job("a.jpg", 10, 1, PARAMS)
     assert journal._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert path.with_name(path.name + "-wal").exists()  # commits went to the write-ahead log
+    journal.close()
+    header = path.read_bytes()[:100]
+    assert header[18:20] == bytes([2, 2])  # file format versions 2/2: the database file itself is in WAL mode
 
 
 def test_states_are_readable_text_and_every_state_has_a_transition_entry():
@@ -109,12 +128,13 @@ def test_a_version_1_journal_is_migrated_in_place_keeping_its_jobs(tmp_path):
     db.executescript(V1_SCHEMA)
     db.close()
     journal = Journal(path)
-    assert journal.get_meta("schema_version") == str(SCHEMA_VERSION) == "3"
+    assert journal.get_meta("schema_version") == str(SCHEMA_VERSION) == "4"
     [job] = journal.jobs_in(JobState.SUBMITTED)
     assert job.request_id == "req-from-v1" and job.duplicate_of is None
     journal.update(job, duplicate_of=None, sha256="abc")  # v2: the new column and index are usable
     journal.request_retry([job.id])  # v3: the retry requests table
     assert journal.retry_requests() == [job.id]
+    assert journal.update(job, output_sha256="def").output_sha256 == "def"  # v4: the output's hash
     journal.close()
 
 

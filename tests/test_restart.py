@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from daemon.demo import make_photo
+from daemon.journal import FINAL_STATES, Journal, JobState
+from daemon.service import JOURNAL_NAME
 
 from .conftest import config_mapping, free_port, visible_files, wait_for, write_config
 
@@ -41,6 +43,15 @@ def accounted_for(folders, names: list[str]) -> bool:
     return visible_files(folders["inbox"]) == []
 
 
+def every_job_final(folders) -> bool:
+    """Nothing left for the daemon to do: past this, no submit, output or move can happen any more."""
+    journal = Journal(folders["state"] / JOURNAL_NAME, read_only=True)
+    try:
+        return journal.count_in(*(set(JobState) - FINAL_STATES)) == 0
+    finally:
+        journal.close()
+
+
 def run_chaos(tmp_path, folders, emulator, daemon_process, *, files: int, kills: int, seed: int) -> None:
     rng = random.Random(seed)
     emulator.latency = 1.0
@@ -65,7 +76,8 @@ def run_chaos(tmp_path, folders, emulator, daemon_process, *, files: int, kills:
         proc.proc.wait(10)
 
     wait_for(lambda: accounted_for(folders, names), 120, interval=0.2, what="every input accounted for")
-    time.sleep(0.5)
+    wait_for(lambda: every_job_final(folders), 20, what="every job final in the journal")
+    assert emulator.wait_idle(20), "the provider is still working on something"
     assert proc.terminate() == 0
 
     outbox_files = sorted(p for p in folders["outbox"].rglob("*") if p.is_file())

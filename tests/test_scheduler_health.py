@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 
 from daemon import stages
 from daemon.demo import make_photo
+from daemon.journal import JobState
 
 from .conftest import visible_files, wait_for
 
@@ -23,9 +25,15 @@ def _passes(daemon, seconds):
 
 def test_the_younger_copy_checked_first_still_costs_one_submit(tmp_path, folders, emulator, make_config, run_daemon, monkeypatch):
     real = stages.check_image
+    younger_went_first = threading.Event()
+
     def slow_first(path, staging, stem, **k):
-        if stem == "job-1":
-            time.sleep(0.5)
+        if stem == "job-1":  # held until the younger copy has been checked and its submit has reached the provider
+            deadline = time.monotonic() + 10
+            while emulator.stats()["submits_received"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if emulator.stats()["submits_received"]:
+                younger_went_first.set()
         return real(path, staging, stem, **k)
     monkeypatch.setattr(stages, "check_image", slow_first)
     run_daemon(make_config())
@@ -35,6 +43,7 @@ def test_the_younger_copy_checked_first_still_costs_one_submit(tmp_path, folders
     for name in ("a.jpg", "b.jpg"):
         (tmp_path / name).rename(folders["inbox"] / name)
     wait_for(lambda: len(visible_files(folders["outbox"])) == 2, 20, what="two outputs")
+    assert younger_went_first.is_set(), "the race this test is about did not happen"
     assert emulator.stats()["submits_accepted"] == 1
 
 
@@ -52,8 +61,8 @@ def test_submits_resume_when_the_probe_job_vanished_while_paused(folders, emulat
     make_photo(folders["inbox"] / "gone.jpg", 200, 160, seed=1, format="JPEG")
     wait_for(lambda: d.service.scheduler.gate.paused, 10, what="paused")
     (folders["inbox"] / "gone.jpg").unlink()
-    time.sleep(6)
+    # The probe (after the gate's first backoff) goes to the job whose file is gone: it ends vanished, unsent.
+    wait_for(lambda: d.service.journal.jobs_in(JobState.VANISHED), 20, what="the probe job to vanish")
     emulator.balance = 10
     make_photo(folders["inbox"] / "new.jpg", 200, 160, seed=2, format="JPEG")
-    time.sleep(15)
-    assert (folders["outbox"] / "new.png").exists()
+    wait_for(lambda: (folders["outbox"] / "new.png").exists(), 20, what="the next probe to go out and succeed")

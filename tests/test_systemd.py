@@ -160,7 +160,11 @@ def test_a_stuck_scheduler_stops_the_watchdog_pings(monkeypatch, make_config, ru
         wait_for(lambda: time.monotonic() - abstract_listener.times_of("WATCHDOG=1")[-1] > 1.0,
                  stale_after + 3, what="the pings to stop")
         stopped_at = len(abstract_listener.times_of("WATCHDOG=1"))
-        time.sleep(1.0)  # five more ping intervals
+        watchdog, looks = daemon.service._watchdog, []
+        looked = watchdog.alive
+        monkeypatch.setattr(watchdog, "alive", lambda: looks.append(looked()) or looks[-1])
+        wait_for(lambda: len(looks) >= 5, 5, what="five more ping intervals, each looked at by the watchdog")
+        assert not any(looks), "the watchdog took a stuck loop for a live one"
         assert len(abstract_listener.times_of("WATCHDOG=1")) == stopped_at, "a stuck loop must not be pinged for"
     finally:
         release.set()

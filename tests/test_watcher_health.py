@@ -36,6 +36,19 @@ def wait_until_in_flight_and_fetched(daemon, emulator, count: int) -> None:
     wait_for(settled, 15, what=f"{count} jobs in flight and fetched")
 
 
+def wait_until_archiving_waits_for_the_inbox(daemon, count: int) -> None:
+    """`count` delivered jobs tried to archive their original, found the inbox gone, and wait for it
+    (or, wrongly, ended some other way: the caller's assertions then say how)."""
+    journal = daemon.service.journal
+
+    def settled() -> bool:
+        waiting = [j for j in journal.jobs_in(JobState.DELIVERING)
+                   if (j.last_error or "").startswith("InboxUnavailable")]
+        return len(waiting) == count or journal.count_in(JobState.DONE, JobState.FAILED, JobState.VANISHED) > 0
+
+    wait_for(settled, 10, what=f"{count} deliveries waiting for the inbox")
+
+
 def all_archived(folders, count: int) -> bool:
     """`count` originals in the archive and none left in the inbox (a move across mounts copies first)."""
     return len(visible_files(folders["archive"])) == count and not visible_files(folders["inbox"])
@@ -81,7 +94,8 @@ def test_an_inbox_renamed_away_and_back_loses_nothing(tmp_path, folders, emulato
     assert "inbox: unavailable (" in render_status(summary(daemon))
     make_photo(away / "dropped meanwhile.jpg", 200, 160, seed=9, format="JPEG")  # e.g. straight onto the NAS
     wait_for(lambda: len(visible_files(folders["outbox"])) == 2, 10, what="the two in flight delivered")
-    time.sleep(1.0)  # their archiving finds the inbox gone and waits; the pending two are not started
+    wait_until_archiving_waits_for_the_inbox(daemon, 2)
+    daemon.wait_for_passes(1.0)  # slots are free and the loop runs on: the pending two are still not started
     counts = summary(daemon)["counts"]
     assert counts["vanished"] == counts["failed"] == counts["done"] == 0
     assert counts["delivering"] == 2 and counts["pending"] == 2
@@ -131,7 +145,8 @@ def test_an_unmounted_share_holds_every_job_until_it_is_mounted_again(tmp_path, 
         wait_for(lambda: "no longer mounted" in (summary(daemon)["inbox_unavailable"] or ""), 5,
                  what="the unmount noticed")
         wait_for(lambda: len(visible_files(folders["outbox"])) == 2, 10, what="the two in flight delivered")
-        time.sleep(1.0)
+        wait_until_archiving_waits_for_the_inbox(daemon, 2)
+        daemon.wait_for_passes(1.0)  # slots are free and the loop runs on: the pending one is still not started
         counts = summary(daemon)["counts"]
         assert counts["vanished"] == counts["failed"] == counts["done"] == 0
         assert counts["delivering"] == 2 and counts["pending"] == 1
@@ -167,7 +182,7 @@ def test_a_missing_file_under_a_replaced_inbox_folder_is_not_vanished(tmp_path):
     a job whose file is missing there waits (InboxUnavailable) instead of ending vanished."""
     import pytest
 
-    from daemon.finishing import Context, InboxUnavailable, require_inbox
+    from daemon.context import Context, InboxUnavailable, require_inbox
     from daemon.journal import Journal
 
     inbox = tmp_path / "inbox"
