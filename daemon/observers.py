@@ -3,14 +3,17 @@
 inotify ('events') reports a file the moment it is written and closed, but only for changes made
 through this machine's kernel; polling walks the inbox every interval and sees every change, also
 those another computer makes on a share. Either way the watcher's rescans back them up.
+What inotify cannot report, a write opened before the watch began, `open_for_writing` asks the kernel.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import queue
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -77,7 +80,9 @@ class QueueingHandler(FileSystemEventHandler):
     def on_any_event(self, event: FileSystemEvent) -> None:
         # Only IN_MODIFY means bytes are being written (and a close will follow); a created or
         # moved-in file may be complete already, and attribute changes are not writes. A polling
-        # observer never reports a close, so its "modified" is only a change to look at.
+        # observer never reports a close, so its "modified" is only a change to look at. IN_OPEN
+        # and IN_CLOSE_NOWRITE are left out: an open does not say whether it is for writing, and
+        # readers (the daemon's own `open_for_writing` among them) open files too.
         if isinstance(event, FileModifiedEvent) and self._reports_close:
             self._events.put(("write", os.fsdecode(event.src_path)))
         elif isinstance(event, FileModifiedEvent):
@@ -96,6 +101,35 @@ class QueueingHandler(FileSystemEventHandler):
         else:
             return
         self._wake()
+
+
+def open_for_writing(path: Path) -> bool | None:
+    """Whether any process has `path` open for writing now, or None when the kernel will not say.
+
+    inotify reports writes, not opens made before the watch began: a scanner that opened the file
+    before the daemon started and pauses between chunks looks finished. A read lease can only be
+    taken while no one has the file open for writing (EAGAIN), so taking one and giving it back at
+    once answers that. It needs the file's owner or CAP_LEASE (else EACCES) and a file system that
+    keeps leases (else EINVAL): None then. Only asked on local file systems (a share's "open" is
+    another machine's secret, and CIFS answers EAGAIN for any file without an oplock).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False  # unreadable (or gone): waiting would not help, preflight explains it in failed/
+    try:
+        # A writer opening the file in the instant the lease is held breaks it with a signal, SIGIO by
+        # default, which would end the process: ask for one that is ignored unless handled.
+        fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError as exc:
+        return True if exc.errno == errno.EAGAIN else None
+    else:
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        return False
+    finally:
+        os.close(fd)
 
 
 def start_observer(kind: str, inbox: Path, handler: FileSystemEventHandler, interval: float) -> BaseObserver:

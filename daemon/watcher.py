@@ -3,7 +3,9 @@
 A file is taken only once it is complete. Events (inotify's close-after-write where the observer
 has it) say *when to look*; the settle check decides: size and mtime unchanged for
 `watch.settle_seconds`, and no write left open. Rescans at start-up and every `watch.rescan_seconds`
-catch anything an event missed, so a lost event costs a delay, never a file.
+catch anything an event missed, so a lost event costs a delay, never a file. A file a scan finds
+may have been opened for writing before the watch began, which no event shows: the kernel is asked,
+and where it will not say, the first scan of a new watch holds recently written files as still open.
 
 The watcher also keeps itself watching (`check_health`): inotify on local disks and polling on
 network and FUSE file systems (`watch.mode`), polling when inotify cannot start or its threads die,
@@ -19,15 +21,15 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import structlog
 from watchdog.observers.api import BaseObserver
 
-from .mounts import Mount, mount_gone, mount_of, read_mountinfo
-from .observers import (START_FAILURE_FIXES, QueueingHandler, choose_observer, dead_thread, polling_interval,
-                        start_observer, stop_quietly)
+from .mounts import Mount, mount_gone, mount_of, needs_polling, read_mountinfo
+from .observers import (START_FAILURE_FIXES, QueueingHandler, choose_observer, dead_thread, open_for_writing,
+                        polling_interval, start_observer, stop_quietly)
+from .settle import SettleTracker, Sighting
 
 log = structlog.get_logger("daemon.watcher")
 
@@ -64,89 +66,6 @@ def probe_inbox(inbox: Path) -> tuple[tuple[int, int] | None, str | None]:
     return (st.st_dev, st.st_ino), None
 
 
-@dataclass(frozen=True)
-class Sighting:
-    """A settled file, ready to become a job."""
-
-    rel_path: str
-    size: int
-    mtime_ns: int
-    waited: float
-
-
-@dataclass
-class _Candidate:
-    size: int
-    mtime_ns: int
-    stable_since: float
-    first_seen: float
-    writing: bool = False
-    last_event: float = 0.0
-
-
-class SettleTracker:
-    """Decides when a file is complete; pure bookkeeping over an injected clock, no I/O.
-
-    A file is settled when its (size, mtime) has not changed for `settle_seconds` and, where the
-    observer reports close-after-write, no write is left open. A write still open after
-    `open_write_limit` seconds of silence is assumed lost (a missed close event) and settles normally.
-    """
-
-    def __init__(self, settle_seconds: float, open_write_limit: float) -> None:
-        self.settle_seconds = settle_seconds
-        self.open_write_limit = open_write_limit
-        self._files: dict[str, _Candidate] = {}
-
-    def __contains__(self, rel_path: str) -> bool:
-        return rel_path in self._files
-
-    def __len__(self) -> int:
-        return len(self._files)
-
-    def observe(self, rel_path: str, size: int, mtime_ns: int, now: float) -> None:
-        """Record a stat of the file; any change restarts its settle clock."""
-        current = self._files.get(rel_path)
-        if current is None:
-            self._files[rel_path] = _Candidate(size, mtime_ns, now, now)
-        elif (current.size, current.mtime_ns) != (size, mtime_ns):
-            current.size, current.mtime_ns, current.stable_since = size, mtime_ns, now
-
-    def write_opened(self, rel_path: str, now: float) -> None:
-        candidate = self._files.get(rel_path)
-        if candidate is not None:
-            candidate.writing, candidate.last_event, candidate.stable_since = True, now, now
-
-    def write_closed(self, rel_path: str, now: float) -> None:
-        candidate = self._files.get(rel_path)
-        if candidate is not None:
-            candidate.writing, candidate.last_event = False, now
-
-    def forget(self, rel_path: str) -> None:
-        self._files.pop(rel_path, None)
-
-    def paths(self) -> list[str]:
-        return list(self._files)
-
-    def _is_settled(self, c: _Candidate, now: float) -> bool:
-        if c.writing and now - c.last_event < self.open_write_limit:
-            return False
-        return now - c.stable_since >= self.settle_seconds
-
-    def settled(self, now: float) -> list[Sighting]:
-        """The files that are complete now; the caller `forget`s those it takes."""
-        return [Sighting(p, c.size, c.mtime_ns, now - c.first_seen)
-                for p, c in self._files.items() if self._is_settled(c, now)]
-
-    def next_deadline(self, now: float) -> float | None:
-        """The earliest future time a tracked file could settle, for the caller's sleep.
-
-        Files already settled are left out: they are either handed back on this pass or wait for
-        their job to end, and counting them would make the caller spin.
-        """
-        times = [t for c in self._files.values() if (t := c.stable_since + self.settle_seconds) > now]
-        return min(times) if times else None
-
-
 class InboxWatcher:
     """Turns the inbox's events and rescans into settled `Sighting`s for the main loop.
 
@@ -173,6 +92,8 @@ class InboxWatcher:
         self._observer_kind: str | None = None
         self._events_failed = False
         """inotify could not start or died: poll until the inbox is connected afresh."""
+        self._new_watch = False
+        """inotify has just started: its first full scan may find writes opened before it."""
         self._last_start_error: str | None = None
         self._identity: tuple[int, int] | None = None
         """(device, inode) of the folder being watched: another one at the same path is noticed."""
@@ -304,6 +225,7 @@ class InboxWatcher:
                 self._observer_failed(kind, exc)
                 continue
             self._observer_kind, self._last_start_error = kind, None
+            self._new_watch = kind == "events"
             log.info("watch.started", inbox=str(self.inbox), mode=self.mode, fstype=self._fstype, observer=kind,
                      **({"interval": self._polling_interval} if kind == "polling" else {}))
             return
@@ -332,14 +254,19 @@ class InboxWatcher:
         if not self.available:
             return []
         now = self._clock()
-        touched: set[str] = set()
+        found: set[str] = set()
         with self._lock:
+            first_scan = False
             if now >= self._next_rescan:
                 self._next_rescan = now + self.rescan_seconds
-                touched.update(self._scan(self.inbox))
-            touched.update(self._drain_events(now))
-            for rel_path in touched | set(self._tracker.paths()):
-                self._stat_into_tracker(rel_path, now)
+                found, first_scan, self._new_watch = self._scan(self.inbox), self._new_watch, False
+            reported, found_below = self._drain_events(now)
+            found |= found_below
+            unseen = found - set(self._tracker.paths())  # found by a scan, no event ever said a write is open
+            for rel_path in found | reported | set(self._tracker.paths()):
+                st = self._stat_into_tracker(rel_path, now)
+                if st is not None and rel_path in unseen:
+                    self._ask_if_open(rel_path, st, now, first_scan and rel_path not in reported)
             ready = [s for s in self._tracker.settled(now) if s.rel_path not in busy_paths]
             for sighting in ready:
                 self._tracker.forget(sighting.rel_path)
@@ -365,15 +292,18 @@ class InboxWatcher:
         except ValueError:
             return None
 
-    def _drain_events(self, now: float) -> set[str]:
-        touched: set[str] = set()
+    def _drain_events(self, now: float) -> tuple[set[str], set[str]]:
+        """Apply the queued events: the paths they named, and the files found in folders that appeared
+        (written there, maybe, before the folder had its own watch)."""
+        reported: set[str] = set()
+        found: set[str] = set()
         while True:
             try:
                 kind, path = self._events.get_nowait()
             except queue.Empty:
-                return touched
+                return reported, found
             if kind == "appeared" and os.path.isdir(path) and not os.path.islink(path):
-                touched.update(self._scan(Path(path)))
+                found.update(self._scan(Path(path)))
                 continue
             rel_path = self._relative(path)
             if rel_path is None or rel_path == "." or is_ignored(rel_path, self.ignore):
@@ -381,9 +311,7 @@ class InboxWatcher:
             if kind == "gone":
                 self._tracker.forget(rel_path)
                 continue
-            touched.add(rel_path)
-            if kind in ("write", "closed") and rel_path not in self._tracker:
-                self._stat_into_tracker(rel_path, now)
+            reported.add(rel_path)
             if kind == "write":
                 self._tracker.write_opened(rel_path, now)
             elif kind == "closed":
@@ -401,21 +329,48 @@ class InboxWatcher:
                     found.add(rel_path)
         return found
 
-    def _stat_into_tracker(self, rel_path: str, now: float) -> None:
+    def _stat_into_tracker(self, rel_path: str, now: float) -> os.stat_result | None:
+        """Record the file's lstat in the tracker and return it; None when it is not (or no longer) tracked."""
         try:
             st = os.stat(self.inbox / rel_path, follow_symlinks=False)
         except FileNotFoundError:
             self._tracker.forget(rel_path)  # deleted or renamed before it was taken: forget quietly
-            return
+            return None
         except OSError as exc:
             self._warn_once(rel_path, "file.unreadable", error=exc.strerror)
-            return
+            return None
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
             self._tracker.forget(rel_path)
-            return
+            return None
         # A symbolic link settles on its own lstat and is handed up like a file: preflight refuses
         # it, so it ends explained in failed/ instead of sitting in the inbox. It is never followed.
         self._tracker.observe(rel_path, st.st_size, st.st_mtime_ns, now)
+        return st
+
+    def _ask_if_open(self, rel_path: str, st: os.stat_result, now: float, first_scan: bool) -> None:
+        """A file a scan found, with no event about it: is a write open that began before the watch?
+
+        Only where inotify reports closes (with polling the settle time is all there is). The kernel
+        is asked on local file systems; where it cannot say, the first scan of a new watch holds a file
+        written less than `open_write_limit` ago as still open, until its close is seen or that much
+        silence has passed: a delay, never a half-written file.
+        """
+        if self._observer_kind != "events" or not stat.S_ISREG(st.st_mode):
+            return
+        local = self._fstype is None or not needs_polling(self._fstype)
+        is_open = open_for_writing(self.inbox / rel_path) if local else None
+        if is_open:
+            self._tracker.write_opened(rel_path, now)
+            log.info("file.still_open", rel_path=rel_path, detail="open for writing, though no event showed a "
+                     "write (opened before the watch began); taken once it is closed")
+            return
+        quiet = max(0.0, time.time() - st.st_mtime_ns / 1e9)
+        if is_open is None and first_scan and quiet < self._tracker.open_write_limit:
+            self._tracker.open_before_watch(rel_path, now - quiet)
+            log.info("file.maybe_open", rel_path=rel_path, written_seconds_ago=round(quiet, 3),
+                     wait_at_most=round(self._tracker.open_write_limit - quiet, 3),
+                     detail="written just before the watch began and the kernel cannot say if it is still "
+                            "open for writing; taken once its close is seen or it has been quiet that long")
 
     def _warn_once(self, rel_path: str, event: str, **fields: object) -> None:
         if rel_path not in self._warned:

@@ -13,7 +13,8 @@ from watchdog.observers.polling import PollingObserverVFS
 
 from daemon.mounts import Mount, filesystem_type, mount_gone, mount_of
 from daemon.observers import choose_observer, polling_interval
-from daemon.watcher import InboxWatcher, SettleTracker, is_ignored
+from daemon.settle import SettleTracker
+from daemon.watcher import InboxWatcher, is_ignored
 
 
 @pytest.mark.parametrize("rel_path,ignored", [
