@@ -48,6 +48,8 @@ class Context:
     """Asks the scheduler to poll a job at once (the provider's webhook said it changed)."""
     watched_inbox: tuple[int, int] | None = None
     """(device, inode) of the inbox folder the watcher watches, kept current by the scheduler."""
+    started_at: float = field(default_factory=time.time)
+    """Wall time this daemon started: jobs submitted before it lived through a restart."""
     prechecked: dict[int, tuple[PreflightResult, int, int]] = field(default_factory=dict)
     """Preflight results of pending jobs, checked ahead of their slot: (result, size, mtime_ns)."""
 
@@ -105,8 +107,13 @@ def staged_files(staging: Path, job_id: int) -> list[Path]:
     return [staging / n for n in names if staged_job_id(n) == job_id]
 
 
+def staged_stem(job_id: int) -> str:
+    """How the files preflight stages for a job begin: `job-<id>-<name>` (the pin), `job-<id>.png`."""
+    return f"job-{job_id}"
+
+
 def staged_job_id(name: str) -> int | None:
-    """The job a staging file belongs to, from its name; None for anything else (temporaries)."""
+    """The job a staging file belongs to, from its name (see `staged_stem`); None for anything else."""
     head = name.split(".", 1)[0].split("-", 2)
     if len(head) >= 2 and head[0] == "job" and head[1].isdigit():
         return int(head[1])

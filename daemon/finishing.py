@@ -183,6 +183,9 @@ def finish_delivery(ctx: Context, job: Job) -> None:
     elif changed_since_taken(source, job):
         log.warning("file.changed_after_taken", rel_path=job.rel_path, job_id=job.id,
                     detail="left in the inbox; its new content is taken as new work")
+        # A pin that is a hard link changed with it, so what the provider restored may not be the
+        # content recorded: this job's result is never handed to a later twin.
+        job = ctx.journal.update(job, sha256=None)
     else:
         job = _move_original(ctx, job, source, ctx.folders.archive_path(job.rel_path))
         log.info("file.archived", rel_path=job.rel_path, job_id=job.id, archived=job.final_path)

@@ -50,14 +50,15 @@ def next_poll_time(now: float, sent_at: float | None, interval: float, expected:
 class PollEvidence:
     """What the provider's answers have said about one job in flight (wall-clock seconds).
 
-    Only answers count: a poll that got none (network down, daemon stopped) is no word from the
-    provider, and the job may well be finished and paid for.
+    Only the provider's word counts. A poll that got no answer (network down, daemon stopped) says
+    nothing, and neither does a passing overload (5xx, 429, 408): the job may well be finished and
+    paid for, and be fetched once the provider is back.
     """
 
     still_waiting_at: float | None = None
     """When a poll last heard QUEUED or PROCESSING."""
     unusable_since: float | None = None
-    """When the current run of answers with no usable status began (404, 5xx, garbage), else None."""
+    """When the current run of answers with no usable status began (404, garbage), else None."""
     unusable_at: float | None = None
     """When the last of those came."""
     unusable_status: int | None = None
@@ -65,7 +66,7 @@ class PollEvidence:
 
     def heard(self, http_status: int | None, usable: bool, waiting: bool, message: str, now: float) -> None:
         """Record one poll's answer (`http_status` None: no answer came)."""
-        if http_status is None:
+        if not says_something(http_status):
             return
         if usable:
             self.unusable_since = self.unusable_at = self.unusable_status = None
@@ -78,6 +79,15 @@ class PollEvidence:
         self.unusable_at, self.unusable_status, self.unusable_message = now, http_status, message
 
 
+PASSING_STATUSES = frozenset({408, 429})
+"""Answers that speak of the provider's load, not of the job."""
+
+
+def says_something(http_status: int | None) -> bool:
+    """Whether an answer with this status is the provider's word about the job itself."""
+    return http_status is not None and http_status < 500 and http_status not in PASSING_STATUSES
+
+
 GONE_STATUSES = frozenset({404, 410})
 """Status answers that say the provider no longer has the job (purged, or never kept)."""
 
@@ -87,8 +97,8 @@ def overdue_reason(submitted_at: float, evidence: PollEvidence, job_timeout: flo
     """(error kind, reason) when a job in flight has to be given up, else None.
 
     On the provider's own word only: a poll after the deadline still said QUEUED/PROCESSING, or
-    for longer than `job_timeout` every answer was unusable (the provider forgot the id, or keeps
-    failing to say). Either way the job may have been paid for.
+    for longer than `job_timeout` every answer was unusable (the provider forgot the id, or answers
+    nonsense about it). Either way the job may have been paid for.
     """
     waited = (evidence.still_waiting_at or 0.0) - submitted_at
     if waited > job_timeout:

@@ -201,20 +201,17 @@ def pin(source: BinaryIO, staging_dir: Path, name: str) -> tuple[Path, str]:
     A hard link to the open file itself (through /proc/self/fd, so no path in the inbox is looked
     up again) where the file system allows it, else a copy; either is fsynced and renamed into
     place, replacing an older pin of the same name. Reading errors are the source's (OSError);
-    writing errors are the staging folder's (StagingError).
+    writing errors are the staging folder's (StagingError). No temporary is ever left behind.
     """
     try:
         staging_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StagingError(f"cannot create the staging folder {staging_dir}: {exc.strerror}") from None
-    target = staging_dir / name
-    temp = staging_dir / f".pin-{secrets.token_hex(8)}.tmp"
-    try:
         # A dst_dir_fd makes os.link use linkat(AT_SYMLINK_FOLLOW): the magic link is followed to
         # the open file itself (plain link() would try to link the /proc entry and fail).
         folder = os.open(staging_dir, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as exc:
-        raise StagingError(f"cannot open the staging folder {staging_dir}: {exc.strerror}") from None
+        raise StagingError(f"cannot use the staging folder {staging_dir}: {exc.strerror}") from None
+    target = staging_dir / name
+    temp = staging_dir / f".pin-{secrets.token_hex(8)}.tmp"
     try:
         try:
             os.link(f"/proc/self/fd/{source.fileno()}", temp.name, dst_dir_fd=folder, follow_symlinks=True)
@@ -224,17 +221,20 @@ def pin(source: BinaryIO, staging_dir: Path, name: str) -> tuple[Path, str]:
             source.seek(0)
             sha256 = sha256_of(source)
         try:
+            # Renaming a link onto another link of the same file changes nothing and keeps both
+            # names (a re-pin of an unchanged scan): the temporary goes in `finally` either way.
             os.replace(temp, target)
             os.fsync(folder)
         except OSError as exc:
-            _remove(temp)
             raise StagingError(f"cannot pin the scan into {staging_dir}: {exc.strerror}") from None
     finally:
+        _remove(temp)
         os.close(folder)
     return target, sha256
 
 
 def _copy_hashing(source: BinaryIO, temp: Path) -> str:
+    """Copy `source` into the new file `temp`, fsynced; the SHA-256 of what was copied."""
     digest = hashlib.sha256()
     try:
         out = open(temp, "xb")
@@ -242,21 +242,31 @@ def _copy_hashing(source: BinaryIO, temp: Path) -> str:
         raise StagingError(f"cannot pin the scan into {temp.parent}: {exc.strerror}") from None
     with out:
         source.seek(0)
-        for chunk in iter(lambda: source.read(CHUNK), b""):
+        for chunk in iter(lambda: source.read(CHUNK), b""):  # a read error is the source's: raised as it is
             digest.update(chunk)
             try:
                 out.write(chunk)
             except OSError as exc:
-                out.close()
-                _remove(temp)
                 raise StagingError(f"cannot pin the scan into {temp.parent}: {exc.strerror}") from None
         try:
             out.flush()
             os.fsync(out.fileno())
         except OSError as exc:
-            _remove(temp)
             raise StagingError(f"cannot pin the scan into {temp.parent}: {exc.strerror}") from None
     return digest.hexdigest()
+
+
+def converted_name(stem: str) -> str:
+    """The name of the PNG made for the provider from the pin of `stem` (see `check_image`)."""
+    return f"{stem}.png"
+
+
+def _fsync_folder(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _remove(path: Path) -> None:
@@ -277,12 +287,16 @@ def _decode(pinned: Path, sha256: str, staging_dir: Path, stem: str, max_pixels:
         if not needs_conversion(image.format, image.mode):
             return PreflightResult(sha256, width, height, image_format, pinned,
                                    PASS_THROUGH_FORMATS[image_format], False)
-        target = staging_dir / f"{stem}.png"
+        target = staging_dir / converted_name(stem)
         converted = _to_upload_mode(image)
         temp = target.with_suffix(".png.tmp")
         try:
-            converted.save(temp, format="PNG")
+            with open(temp, "wb") as out:
+                converted.save(out, format="PNG")
+                out.flush()
+                os.fsync(out.fileno())
             os.replace(temp, target)
+            _fsync_folder(staging_dir)
         except OSError as exc:
             _remove(temp)
             raise StagingError(f"cannot write the converted scan into {staging_dir}: {exc}") from None

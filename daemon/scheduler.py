@@ -31,6 +31,10 @@ CHECKS_AHEAD_AT_ONCE = 2
 LOOP_ERROR_PAUSE = 2.0
 """Seconds to pause after a pass failed as a whole, so a persistent fault does not spin."""
 
+RECOVERY_STEP_SECONDS = 600.0
+"""How long one step of the start-up recovery may take (a republish to a slow bucket, an orphan
+sweep) before the watchdog takes the daemon for hung."""
+
 MAX_SLEEP = 0.5
 """The loop's longest nap: bounds how late it notices a stop flag set by a signal handler."""
 
@@ -75,6 +79,8 @@ class Scheduler:
         self._next_heartbeat = 0.0
         self._stage_errors: dict[int, int] = {}
         self.last_pass = clock()
+        self.recovering = False
+        """True while the start-up recovery runs (see `is_alive`)."""
         ctx.notify = self.wake.set
         ctx.stopping = lambda: self.stop_requested
         ctx.poll_now = self.poll_now
@@ -84,10 +90,13 @@ class Scheduler:
 
     def run(self) -> None:
         """Recover what a previous run left, then loop until `stop()`; clean-up in `finally`."""
+        self.recovering = True
         try:
             recovery.recover(self.ctx, progress=self._recovery_progress)
         except Exception as exc:  # noqa: BLE001 - e.g. failed/ not writable: the loop retries those jobs
             log.error("recover.error", error=f"{type(exc).__name__}: {exc}", exc_info=True)
+        finally:
+            self.recovering = False
         self.last_pass = self.clock()  # recovery may have been long; the loop starts now
         try:
             while not self.stop_requested:
@@ -116,6 +125,12 @@ class Scheduler:
     def _recovery_progress(self) -> None:
         """Recovery is moving: count it as a pass, so the watchdog keeps being fed through a long one."""
         self.last_pass = self.clock()
+
+    def is_alive(self, stale_after: float) -> bool:
+        """For the watchdog: the loop passed within `stale_after` seconds, or recovery made progress
+        within RECOVERY_STEP_SECONDS (one of its steps may wait out network timeouts and retries)."""
+        allowed = RECOVERY_STEP_SECONDS if self.recovering else stale_after
+        return self.clock() - self.last_pass <= allowed
 
     def request_stop(self) -> None:
         """Only sets a flag, so it is safe in a signal handler; the loop sees it within one pass."""
@@ -222,7 +237,7 @@ class Scheduler:
             self._expected = sample if self._expected is None else 0.8 * self._expected + 0.2 * sample
         if answer.verdict is not PollVerdict.AUTH:
             self._evidence.setdefault(job_id, PollEvidence()).heard(
-                answer.http_status, usable=answer.verdict is not PollVerdict.RETRY or answer.http_status is None,
+                answer.http_status, usable=answer.verdict is not PollVerdict.RETRY,
                 waiting=answer.verdict is PollVerdict.WAITING, message=answer.message, now=self.ctx.wall())
         if answer.verdict in (PollVerdict.WAITING, PollVerdict.RETRY, PollVerdict.AUTH):
             delay_floor = answer.retry_after or 0.0
@@ -332,12 +347,13 @@ class Scheduler:
         checking = sum(r.kind == "check" for r in self._running.values())
         if checking >= CHECKS_AHEAD_AT_ONCE:
             return
-        now_wall = self.ctx.wall()
-        for job in self.ctx.journal.jobs_in(JobState.PENDING, limit=2 * self.max_in_flight):
+        # The next few that are due (backing-off jobs must not hide them); those checked already count
+        # toward the few, so pinned copies made ahead stay bounded.
+        for job in self.ctx.journal.jobs_in(JobState.PENDING, limit=2 * self.max_in_flight, due_by=self.ctx.wall(),
+                                            exclude=list(self._running)):
             if checking >= CHECKS_AHEAD_AT_ONCE:
                 return
-            if (job.id in self._running or job.id in self.ctx.prechecked or job.sha256
-                    or job.not_before > now_wall):
+            if job.id in self.ctx.prechecked or job.sha256:
                 continue
             self._dispatch(job, "check", stages.check_ahead)
             checking += 1

@@ -238,7 +238,7 @@ class Service:
             return
         scheduler, stale_after = self.scheduler, loop_stale_after(interval)
         self._watchdog = Watchdog(self.notifier, interval,
-                                  alive=lambda: scheduler.clock() - scheduler.last_pass <= stale_after)
+                                  alive=lambda: scheduler.is_alive(stale_after))
         self._watchdog.start()
 
     def stop(self) -> None:

@@ -19,14 +19,14 @@ import structlog
 
 from .api import PUBLISHED_URL, PollVerdict, SubmitAnswer, SubmitVerdict, choose_polling_url
 from .context import (Context, InboxUnavailable, StageOutcome, changed_since_taken, remove_staged, require_inbox,
-                      size_and_mtime, unpublish)
+                      size_and_mtime, staged_stem, unpublish)
 from .duplicates import handle_twin, wait_for_twin
 from .finishing import deliver, fail, finish_delivery, finish_failing, placed_output
 from .hosting import HostingError, key_for_logs, new_key
 from .journal import Job, JobState
 from .logging import mask_secrets
 from .pacing import full_jitter
-from .preflight import PreflightError, PreflightResult, check_image, pin_holds
+from .preflight import PreflightError, PreflightResult, check_image, converted_name, pin_holds
 
 log = structlog.get_logger("daemon.stages")
 
@@ -78,7 +78,7 @@ def launch(ctx: Context, job: Job) -> StageOutcome:
     except HostingError as exc:
         return _back_to_pending(ctx, job, f"publish failed: {exc}", count_attempt=True)
     log.info("file.published", rel_path=job.rel_path, job_id=job.id, adapter=ctx.host.name,
-             key=key_for_logs(key), bytes=job.size)
+             key=key_for_logs(key), bytes=size_and_mtime(checked.upload_path)[0])
 
     webhook = None
     if ctx.config.hosting.builtin.webhook:
@@ -149,7 +149,7 @@ def _preflight(ctx: Context, job: Job, source: Path) -> PreflightResult | None:
         _vanished(ctx, job, "left the inbox before it was sent")
         return None
     try:
-        checked = check_image(source, ctx.staging, f"job-{job.id}", max_pixels=ctx.config.preflight.max_pixels)
+        checked = check_image(source, ctx.staging, staged_stem(job.id), max_pixels=ctx.config.preflight.max_pixels)
     except PreflightError as exc:
         if not os.path.lexists(source):
             _vanished(ctx, job, "left the inbox during preflight")
@@ -189,7 +189,10 @@ def still_being_written(taken: tuple[int | None, int | None], now: tuple[int | N
     if now != taken:
         return True
     mtime_ns = now[1]
-    return mtime_ns is not None and wall - mtime_ns / 1e9 < YOUNG_FILE_SETTLE_PERIODS * settle_seconds
+    if mtime_ns is None:
+        return False
+    age = wall - mtime_ns / 1e9
+    return 0 <= age < YOUNG_FILE_SETTLE_PERIODS * settle_seconds  # a clock ahead of ours never keeps it young
 
 
 def _back_to_waiting(ctx: Context, job: Job, stat_key: tuple[int | None, int | None], reason: str) -> None:
@@ -197,7 +200,8 @@ def _back_to_waiting(ctx: Context, job: Job, stat_key: tuple[int | None, int | N
     delay = max(1.0, 2 * ctx.config.watch.settle_seconds)
     size, mtime_ns = stat_key
     changes = {"not_before": ctx.wall() + delay, "size": size if size is not None else job.size,
-               "mtime_ns": mtime_ns if mtime_ns is not None else job.mtime_ns, "hosted_key": None}
+               "mtime_ns": mtime_ns if mtime_ns is not None else job.mtime_ns, "hosted_key": None,
+               "sha256": None}  # what it held is no longer what it will hold
     if job.state is JobState.PENDING:
         ctx.journal.update(job, **changes)
     else:
@@ -270,7 +274,11 @@ def _copy_was_available(ctx: Context, job: Job) -> bool:
     if not job.upload_path:
         return False
     upload = Path(job.upload_path)
-    return pin_holds(upload, job.sha256, converted=upload.name == f"job-{job.id}.png")
+    if not pin_holds(upload, job.sha256, converted=upload.name == converted_name(staged_stem(job.id))):
+        return False
+    # The built-in host serves nothing while the daemon is down: a job submitted before this start
+    # may have been fetched in between.
+    return ctx.host.serves_across_restarts or (job.submitted_at or 0.0) >= ctx.started_at
 
 
 def poll(ctx: Context, job: Job) -> StageOutcome:

@@ -53,7 +53,12 @@ def evidence(*answers: tuple[float, int | None, bool, bool]) -> PollEvidence:
     ([(10.0, 404, False, False), (105.0, 404, False, False)], None, None),  # 95 s of 404s: not yet
     ([(10.0, 404, False, False), (111.0, 404, False, False)], "lost_at_provider", "no longer knows this job"),
     ([(10.0, 410, False, False), (111.0, 410, False, False)], "lost_at_provider", "no longer knows this job"),
-    ([(10.0, 503, False, False), (111.0, 500, False, False)], "lost_at_provider", "no usable status"),
+    ([(10.0, 200, False, False), (111.0, 200, False, False)], "lost_at_provider", "no usable status"),  # nonsense
+    ([(10.0, 400, False, False), (111.0, 400, False, False)], "lost_at_provider", "no usable status"),
+    ([(10.0, 503, False, False), (111.0, 500, False, False)], None, None),  # an outage speaks of the provider
+    ([(10.0, 429, False, False), (111.0, 429, False, False)], None, None),
+    ([(10.0, 404, False, False), (60.0, 503, False, False), (111.0, 404, False, False)], "lost_at_provider",
+     "no longer knows this job"),  # an overload in between neither resets nor counts
     ([(10.0, 404, False, False), (60.0, 200, True, True), (111.0, 404, False, False)], None, None),  # a usable answer resets
     ([(10.0, 404, False, False), (60.0, None, False, False), (111.0, None, False, False)], None, None),  # no answer: no word
     ([(200.0, 404, False, False), (290.0, 404, False, False)], None, None),  # long after the submit, a streak still counts
@@ -87,6 +92,7 @@ def test_which_provider_failures_say_it_could_not_fetch_the_scan(message, expect
     ((100, 5_000_000_000), (100, 5_000_000_000), 1.0, 0.5, True),  # modified within three settle periods
     ((100, 5_000_000_000), (100, 5_000_000_000), 1.6, 0.5, False),
     ((100, 5_000_000_000), (100, 5_000_000_000), 0.0, 0.0, False),  # no settle time: nothing to wait for
+    ((100, 5_000_000_000), (100, 5_000_000_000), -3600.0, 0.5, False),  # a writer's clock an hour ahead
 ])
 def test_when_a_scan_that_looks_incomplete_may_still_be_written(taken, now, age, settle, expected):
     wall = now[1] / 1e9 + age
@@ -119,6 +125,15 @@ def test_a_pin_on_the_same_file_system_is_a_hard_link_to_the_very_file_opened(tm
 
 @pytest.mark.skipif(not Path("/dev/shm").is_dir() or os.stat("/dev/shm").st_dev == os.stat("/tmp").st_dev,
                     reason="needs a second file system for the staging folder")
+def test_pinning_an_unchanged_scan_again_leaves_nothing_but_the_pin(tmp_path):
+    (tmp_path / "inbox").mkdir()
+    scan = make_photo(tmp_path / "inbox" / "a.jpg", 120, 90, seed=6, format="JPEG")
+    for _ in range(3):  # a retry after a 5xx, a twin finished, a restart: each pins the same file again
+        with open(scan, "rb") as f:
+            pin(f, tmp_path / "staging", "job-1-a.jpg")
+    assert os.listdir(tmp_path / "staging") == ["job-1-a.jpg"]
+
+
 def test_a_pin_across_file_systems_is_a_copy_that_later_writes_cannot_reach(tmp_path):
     (tmp_path / "inbox").mkdir()
     scan = make_photo(tmp_path / "inbox" / "a.jpg", 120, 90, seed=2, format="JPEG")

@@ -299,3 +299,30 @@ def test_a_provider_failure_to_fetch_while_the_daemons_copy_was_gone_sends_the_s
     retried = [e for e in captured_logs if e["event"] == "job.retry_later"]
     # Counted as an attempt: the accepted submit was the first, this is the second.
     assert len(retried) == 1 and "unavailable" in retried[0]["reason"] and retried[0]["attempt"] == 2
+
+
+def test_a_failed_fetch_while_the_built_in_host_was_down_for_a_restart_sends_the_scan_back(
+        tmp_path, folders, emulator, make_config, run_daemon):
+    """The provider came for the scan while the daemon restarted: nothing was serving it then."""
+    config = make_config()
+    scan = make_photo(folders["inbox"] / "a.jpg", 200, 150, seed=12, format="JPEG")
+    staging = config.state_dir / "staging"
+    staging.mkdir(parents=True)
+    pinned = staging / "job-1-a.jpg"
+    pinned.write_bytes(scan.read_bytes())  # the pin is intact: only the server was missing
+    answer = ApiClient(config.api, Secret(API_KEY)).submit("http://127.0.0.1:9/gone.jpg", config.restore.as_request())
+    wait_for(lambda: emulator.stats()["jobs"][0]["status"] == "FAILED", 10, what="the provider's failed fetch")
+
+    journal = Journal(journal_path(config))
+    job = add_job(journal, folders["inbox"], "a.jpg", config)
+    for state in (JobState.PUBLISHING, JobState.SUBMITTING):
+        job = journal.transition(job, state)
+    journal.transition(job, JobState.SUBMITTED, request_id=answer.request_id, hosted_key="k" * 43 + ".jpg",
+                       polling_url=f"{emulator.status_url}/{answer.request_id}", upload_path=str(pinned),
+                       sha256=hashlib.sha256(scan.read_bytes()).hexdigest(), submitted_at=time.time() - 60)
+    journal.close()
+
+    run_daemon(config)
+    wait_for(lambda: (folders["outbox"] / "a.png").exists(), 20, what="the scan restored on a second submit")
+    assert visible_files(folders["failed"]) == []
+    assert [j["status"] for j in emulator.stats()["jobs"]] == ["FAILED", "COMPLETED"]

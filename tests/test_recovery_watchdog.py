@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from daemon.demo import make_photo
 from daemon.journal import Journal, JobState
 from daemon.service import journal_path, loop_stale_after
@@ -12,16 +14,16 @@ from .conftest import wait_for
 from .hosting_fixtures import command_settings, folder_server  # noqa: F401 - fixture
 from .test_systemd import abstract_listener  # noqa: F401 - fixture
 
-JOBS = 8
-PUBLISH_SECONDS = 0.6
-
-
+@pytest.mark.parametrize("jobs, publish_seconds", [
+    (8, 0.6),  # many short steps: about 5 s of recovery in all
+    (1, 4.5),  # one step longer than the loop may stay silent (a republish to a slow bucket)
+])
 def test_a_recovery_longer_than_the_watchdog_allows_is_pinged_through(
-        tmp_path, folders, emulator, make_config, run_daemon, folder_server, abstract_listener,  # noqa: F811
-        monkeypatch, captured_logs):
-    """Eight jobs at the provider are republished at start-up, each upload taking 0.6 s: about 5 s of
-    recovery, longer than the loop may stay silent before the watchdog stops pinging (3 s)."""
-    monkeypatch.setenv("STANDIN_SLOW_SECONDS", str(PUBLISH_SECONDS))
+        jobs, publish_seconds, tmp_path, folders, emulator, make_config, run_daemon, folder_server,  # noqa: F811
+        abstract_listener, monkeypatch, captured_logs):  # noqa: F811
+    """Jobs at the provider are republished at start-up, each upload slow: a recovery longer than the
+    loop may stay silent before the watchdog stops pinging (3 s)."""
+    monkeypatch.setenv("STANDIN_SLOW_SECONDS", str(publish_seconds))
     monkeypatch.setenv("NOTIFY_SOCKET", abstract_listener.env_value)
     monkeypatch.setenv("WATCHDOG_USEC", "400000")  # a ping every 0.2 s
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
@@ -29,7 +31,7 @@ def test_a_recovery_longer_than_the_watchdog_allows_is_pinged_through(
     staged = tmp_path / "staged"
     staged.mkdir()
     journal = Journal(journal_path(config))
-    for n in range(JOBS):  # jobs a previous run left at the provider, each to be served again
+    for n in range(jobs):  # jobs a previous run left at the provider, each to be served again
         scan = make_photo(folders["inbox"] / f"scan{n}.jpg", 120, 90, seed=n, format="JPEG")
         upload = staged / f"slow{n}.jpg"  # the stand-in uploads names with "slow" in them slowly
         upload.write_bytes(scan.read_bytes())
@@ -44,7 +46,7 @@ def test_a_recovery_longer_than_the_watchdog_allows_is_pinged_through(
 
     started = time.monotonic()
     run_daemon(config)
-    wait_for(lambda: sum(e["event"] == "job.resumed" for e in captured_logs) == JOBS, 30,
+    wait_for(lambda: sum(e["event"] == "job.resumed" for e in captured_logs) == jobs, 30,
              what="every job republished")
     recovered = time.monotonic()
     assert recovered - started > loop_stale_after(0.2) + 1.0, "the recovery must outlast the watchdog's patience"

@@ -66,6 +66,8 @@ class HostingAdapter(abc.ABC):
     """Makes local files fetchable by the provider for a while."""
 
     name: str = "abstract"
+    serves_across_restarts: bool = True
+    """False when what is published is served only while the daemon runs (the built-in host)."""
 
     def start(self) -> None:
         """Get ready to publish (bind a port, check a bucket). Called once before any publish."""

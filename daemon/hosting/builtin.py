@@ -211,6 +211,7 @@ class BuiltinHost(HostingAdapter):
     """Serves published files from memory-held registrations; nothing survives a restart by design."""
 
     name = "builtin"
+    serves_across_restarts = False
 
     def __init__(self, listen: str, public_url: str | None = None, *, tls_cert: Path | None = None,
                  tls_key: Path | None = None, max_misses_per_minute: int = 30,
