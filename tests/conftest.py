@@ -37,6 +37,16 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: floa
     pytest.fail(f"timed out after {timeout}s waiting for {what or predicate}")
 
 
+class ManualClock:
+    """A clock that moves only when the test says: `clock.now += 1.0`."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

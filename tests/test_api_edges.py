@@ -9,9 +9,7 @@ emulator. Decisions are checked with tables; the daemon runs end to end where mo
 from __future__ import annotations
 
 import contextlib
-import datetime
 import http.server
-import ipaddress
 import json
 import logging
 import socket
@@ -26,11 +24,12 @@ import requests
 import urllib3
 
 from daemon.api import PUBLISHED_URL, ApiClient, DownloadError, PollVerdict, SubmitVerdict, decide_submit, error_message
-from daemon.transport import is_safe_to_resend, transport_retry
 from daemon.config import ApiConfig, Secret
 from daemon.demo import make_photo
 from daemon.stages import RESEND_HINT
+from daemon.transport import is_safe_to_resend, transport_retry
 
+from .certs import self_signed
 from .conftest import API_KEY, free_port, visible_files, wait_for
 
 NOW = 1_800_000_000.0
@@ -38,28 +37,6 @@ GENERATE_PATH = "/codeformer-image-restoration/v1/codeformer/generate"
 
 
 # --------------------------------------------------------------------------- loopback servers
-
-
-def self_signed(folder: Path, stem: str) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 and its key, written as PEM files."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = folder / f"{stem}.pem", folder / f"{stem}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
 
 
 @pytest.fixture(scope="module")

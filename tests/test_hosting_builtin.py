@@ -9,6 +9,8 @@ from daemon.hosting import BuiltinHost, new_key
 from daemon.hosting.base import KEY_BYTES, HostingError
 from daemon.hosting.builtin import MissLimiter, parse_range
 
+from .certs import self_signed
+
 
 def test_serves_a_published_file_and_nothing_else(tmp_path):
     secret_neighbour = tmp_path / "other.jpg"
@@ -182,34 +184,10 @@ def test_a_client_guessing_paths_is_refused_and_logged_once(tmp_path, captured_l
         host.stop()
 
 
-def _self_signed(tmp_path):
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
-
-
 def test_tls_serves_https_only(tmp_path):
     import socket
 
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed(tmp_path, "host")
     scan = tmp_path / "scan.jpg"
     scan.write_bytes(b"scan bytes")
     host = BuiltinHost("127.0.0.1:0", tls_cert=cert, tls_key=key)

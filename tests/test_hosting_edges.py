@@ -220,9 +220,9 @@ def test_slots_come_back_when_idle_clients_hang_up(scan, sockets):
 
 
 def test_over_tls_excess_connections_are_closed_and_a_stalled_handshake_frees_its_slot(tmp_path, scan, sockets):
-    from .test_hosting_builtin import _self_signed
+    from .certs import self_signed
 
-    cert, key_file = _self_signed(tmp_path)
+    cert, key_file = self_signed(tmp_path, "host")
     host = start_host(max_connections=2, header_timeout=1.5, tls_cert=cert, tls_key=key_file)
     try:
         url = host.publish(new_key(".jpg"), scan, "image/jpeg")

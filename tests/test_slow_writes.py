@@ -24,7 +24,7 @@ from daemon.demo import make_photo
 from daemon.settle import SettleTracker
 from daemon.watcher import InboxWatcher
 
-from .conftest import RunningDaemon, config_mapping, visible_files, wait_for
+from .conftest import ManualClock, RunningDaemon, config_mapping, visible_files, wait_for
 
 SETTLE = 0.2
 CHUNKS = 5
@@ -154,14 +154,6 @@ def test_a_write_opened_before_the_watch_holds_the_file_until_closed_or_silent_t
 
 
 # --------------------------------------------------------------------------- a real watcher on a manual clock
-
-
-class ManualClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

@@ -16,6 +16,8 @@ from daemon.observers import choose_observer, polling_interval
 from daemon.settle import SettleTracker
 from daemon.watcher import InboxWatcher, is_ignored
 
+from .conftest import ManualClock
+
 
 @pytest.mark.parametrize("rel_path,ignored", [
     ("scan.jpg", False), ("album/scan 01.tif", False), ("école.png", False),
@@ -136,14 +138,6 @@ def test_polling_interval_follows_the_settle_time_within_bounds(settle, interval
 
 
 # --------------------------------------------------------------------------- a real watcher on a manual clock
-
-
-class ManualClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
