@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import threading
 import time
 from pathlib import Path
@@ -232,6 +231,18 @@ def png_bytes(color: tuple[int, int, int]) -> bytes:
     return buffer.getvalue()
 
 
+def crashed_while_placing(config, folders, name: str, media_url: str, result: bytes) -> None:
+    """A job the provider finished, whose output name and result hash were recorded, then a crash."""
+    journal = Journal(journal_path(config))
+    job = add_job(journal, folders["inbox"], name, config)
+    for state in (JobState.PUBLISHING, JobState.SUBMITTING, JobState.SUBMITTED):
+        job = journal.transition(job, state)
+    journal.transition(job, JobState.DOWNLOADING, media_url=media_url, request_id=f"req-{job.id}",
+                       output_path=str(folders["outbox"] / (Path(name).stem + ".png")),
+                       output_sha256=hashlib.sha256(result).hexdigest())
+    journal.close()
+
+
 def test_after_a_crash_a_job_never_adopts_an_output_another_job_placed_under_its_recorded_name(
         tmp_path, folders, emulator, make_config, run_daemon, folder_server):  # noqa: F811
     """scan.jpg recorded scan.png and crashed before placing it; scan.tif's result took the name meanwhile."""
@@ -242,14 +253,7 @@ def test_after_a_crash_a_job_never_adopts_an_output_another_job_placed_under_its
     folders["outbox"].mkdir()
     (folders["outbox"] / "scan.png").write_bytes(other_result)
 
-    journal = Journal(journal_path(config))
-    job = add_job(journal, folders["inbox"], "scan.jpg", config)
-    for state in (JobState.PUBLISHING, JobState.SUBMITTING, JobState.SUBMITTED):
-        job = journal.transition(job, state)
-    job = journal.transition(job, JobState.DOWNLOADING, media_url=f"{folder_server.url}/result.png",
-                             request_id="req-1", output_path=str(folders["outbox"] / "scan.png"),
-                             output_sha256=hashlib.sha256(own_result).hexdigest())
-    journal.close()
+    crashed_while_placing(config, folders, "scan.jpg", f"{folder_server.url}/result.png", own_result)
 
     run_daemon(config)
     wait_for(lambda: (folders["archive"] / "scan.jpg").exists(), 15, what="the job finished")
@@ -264,14 +268,7 @@ def test_a_result_placed_before_a_crash_is_adopted_without_fetching_it_again(
     make_photo(folders["inbox"] / "scan.jpg", 200, 150, seed=10, format="JPEG")
     folders["outbox"].mkdir()
     (folders["outbox"] / "scan.png").write_bytes(own_result)
-    journal = Journal(journal_path(config))
-    job = add_job(journal, folders["inbox"], "scan.jpg", config)
-    for state in (JobState.PUBLISHING, JobState.SUBMITTING, JobState.SUBMITTED):
-        job = journal.transition(job, state)
-    journal.transition(job, JobState.DOWNLOADING, media_url=f"{folder_server.url}/gone.png", request_id="req-2",
-                       output_path=str(folders["outbox"] / "scan.png"),
-                       output_sha256=hashlib.sha256(own_result).hexdigest())
-    journal.close()
+    crashed_while_placing(config, folders, "scan.jpg", f"{folder_server.url}/gone.png", own_result)
 
     run_daemon(config)
     wait_for(lambda: (folders["archive"] / "scan.jpg").exists(), 15, what="the job finished")
