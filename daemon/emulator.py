@@ -2,7 +2,10 @@
 
 It speaks the provider's HTTP contract (submit, poll, media download, webhook) with the same
 status codes and error bodies, plus knobs and injected faults to exercise the daemon's error paths.
-It does NOT restore faces: the "restored" image is the input resized by `upscale` (LANCZOS), as PNG.
+It does NOT restore faces: the "restored" image is the input made upright (the scan's EXIF
+orientation applied, as the provider does), resized by `upscale` (LANCZOS), with the contrast raised
+over the central region where a portrait's face usually is, so that it differs visibly from a plain
+resize; sent as a bare PNG without metadata, as the provider's OpenCV writes it.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import requests
-from PIL import Image
+from PIL import Image, ImageEnhance, ImageOps
 
 from .api import is_http_url
 from .config import parse_listen
@@ -40,12 +43,25 @@ MEDIA_PREFIX = "/media/"
 MEDIA_NAME = "/output.png"
 KEY_HEADER = "Ocp-Apim-Subscription-Key"
 FAULT_KINDS = ("submit_500", "submit_timeout", "poll_500", "poll_garbage", "media_500", "media_garbage",
-               "outcome_failed", "outcome_error", "outcome_bad_media_url", "outcome_oversized")
+               "outcome_failed", "outcome_error", "outcome_bad_media_url", "outcome_oversized",
+               "outcome_tinted", "outcome_blank", "outcome_unchanged")
 """submit_timeout: the job is accepted (and charged) but the answer is held back `hang_seconds`, past
 the client's read timeout. *_garbage: a 200 whose body is not what it should be (HTML, not an
 image). outcome_bad_media_url: the job completes with a media_url that is not http(s).
-outcome_oversized: the result is OVERSIZE_FACTOR times larger on each side than `upscale` asked for."""
+outcome_oversized: the result is OVERSIZE_FACTOR times larger on each side than `upscale` asked for.
+The next three complete normally (charged) with CodeFormer's known bad results (see render_output):
+outcome_tinted: a colour cast over the whole image and a green patch on the face region, so a grey
+scan comes back coloured (CodeFormer #32, #121, #238). outcome_blank: all black, the size of a
+normal result (#222). outcome_unchanged: a plain resize, as when no face was found."""
 OVERSIZE_FACTOR = 4
+OUTCOME_FAULTS = {"outcome_blank": "blank", "outcome_tinted": "tinted", "outcome_unchanged": "unchanged"}
+"""Fault kind -> the rendering it asks for; one per job, taken in this order."""
+OUTCOMES = ("restored", *OUTCOME_FAULTS.values())
+FACE_CONTRAST = 1.3
+"""The stand-in for restored faces: the central region's contrast raised by this factor."""
+TINT_LEVELS = ((0.9, 25), (0.95, 8), (0.8, 0))
+"""The colour cast of outcome_tinted: each of R, G, B becomes v * factor + offset (warm, like skin)."""
+PATCH_COLOUR, PATCH_OPACITY = (40, 200, 60), 0.4
 GARBAGE = b"<html><body><h1>502 Bad Gateway</h1>upstream sent nonsense</body></html>"
 WEBHOOK_EVENTS = ("start", "output", "logs", "completed")
 FETCH_TIMEOUT = 10.0
@@ -99,6 +115,8 @@ class Job:
     output_path: str | None = None
     polls: int = 0
     bad_media_url: bool = False
+    outcome: str = "restored"
+    """How the result was rendered: one of OUTCOMES."""
 
 
 @dataclass
@@ -240,22 +258,65 @@ def decode_image(data: bytes) -> Image.Image | str:
         return f"Could not decode image: {exc}"
 
 
-def render_output(image: Image.Image, upscale: int) -> bytes:
-    """The stand-in for restoration: a LANCZOS resize by `upscale`, as PNG bytes.
+def render_output(image: Image.Image, upscale: int, outcome: str = "restored") -> bytes:
+    """The stand-in for restoration, as the bytes of a bare PNG (no EXIF, ICC, dpi or text).
 
-    RGB, RGBA and L are kept; 16-bit grey becomes L, transparency RGBA, anything else RGB.
+    The scan is made upright first, as the provider does. "restored": a LANCZOS resize by
+    `upscale` with the central region's contrast raised (standing in for restored faces);
+    "unchanged": the plain resize; "tinted": restored, then a colour cast and a green patch on the
+    face region; "blank": all black. RGB, RGBA and L are kept; 16-bit grey becomes L, transparency
+    RGBA, anything else RGB; a tinted result is RGB (RGBA with transparency), a blank one RGB.
     """
+    if outcome not in OUTCOMES:
+        raise ValueError(f"unknown outcome {outcome!r}; expected one of {', '.join(OUTCOMES)}")
+    image = ImageOps.exif_transpose(image)
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
         image = image.convert("I").point(lambda v: v * (1 / 256)).convert("L")
     elif image.mode in ("LA", "PA", "La", "RGBa") or "transparency" in image.info:
         image = image.convert("RGBA")
     elif image.mode not in ("RGB", "RGBA", "L"):
         image = image.convert("RGB")
+    size = (image.width * upscale, image.height * upscale)
+    if outcome == "blank":
+        output = Image.new("RGB", size)
+    else:
+        output = image.resize(size, Image.LANCZOS)
+        if outcome != "unchanged":
+            output = with_faces_touched(output)
+        if outcome == "tinted":
+            output = tinted(output)
+    output.info = {}  # the PNG writer would carry the scan's ICC profile and transparency from here
     buffer = io.BytesIO()
     # compress_level 1: a fast encode keeps the emulator's CPU out of the daemon's measurements.
-    image.resize((image.width * upscale, image.height * upscale), Image.LANCZOS).save(buffer, "PNG",
-                                                                                     compress_level=1)
+    output.save(buffer, "PNG", compress_level=1)
     return buffer.getvalue()
+
+
+def central_box(size: tuple[int, int], part: int = 4) -> tuple[int, int, int, int]:
+    """The centre of an image, `part` of each side in from every edge: where a portrait's face is."""
+    width, height = size
+    return width // part, height // part, width - width // part, height - height // part
+
+
+def with_faces_touched(image: Image.Image) -> Image.Image:
+    """The central region's contrast raised: one cheap filter, visible, and it survives a downscale."""
+    box = central_box(image.size)
+    image.paste(ImageEnhance.Contrast(image.crop(box)).enhance(FACE_CONTRAST), box)
+    return image
+
+
+def tinted(image: Image.Image) -> Image.Image:
+    """The model's invented colour: a warm cast over everything and a green patch on the face."""
+    alpha = image.getchannel("A") if image.mode == "RGBA" else None
+    bands = image.convert("RGB").split()
+    image = Image.merge("RGB", [band.point(lambda v, f=factor, o=offset: min(255, round(v * f + o)))
+                                for band, (factor, offset) in zip(bands, TINT_LEVELS)])
+    box = central_box(image.size, part=3)
+    patch = image.crop(box)
+    image.paste(Image.blend(patch, Image.new("RGB", patch.size, PATCH_COLOUR), PATCH_OPACITY), box)
+    if alpha is not None:
+        image.putalpha(alpha)
+    return image
 
 
 def fetch_input(url: str) -> bytes | str:
@@ -392,7 +453,8 @@ class GatewayEmulator:
             jobs = [{"request_id": j.request_id, "status": j.status.value, "params": dict(j.params),
                      "image_url": j.image_url, "key_ok": True, "fetched_sha256": j.fetched_sha256,
                      "fetched_size": j.fetched_size, "submitted_at": j.submitted_at,
-                     "started_at": j.started_at, "finished_at": j.finished_at, "polls": j.polls}
+                     "started_at": j.started_at, "finished_at": j.finished_at, "polls": j.polls,
+                     "outcome": j.outcome}
                     for j in self._jobs.values()]
             return {**self._counts, "rejected": dict(self._rejected), "balance": self.balance,
                     "faults": dict(self._faults), "jobs": jobs}
@@ -553,9 +615,11 @@ class GatewayEmulator:
         path = os.path.join(self._output_dir, f"{job.request_id}.png")
         with self._lock:
             scale = job.params["upscale"] * (OVERSIZE_FACTOR if self._take_fault_locked("outcome_oversized") else 1)
+            job.outcome = next((OUTCOME_FAULTS[kind] for kind in OUTCOME_FAULTS
+                                if self._take_fault_locked(kind)), "restored")
         try:
             with open(path, "wb") as out:
-                out.write(render_output(image, scale))
+                out.write(render_output(image, scale, job.outcome))
             rendered = None
         except Exception as exc:
             rendered = f"Rendering failed: {exc}"
@@ -701,7 +765,8 @@ class _Handler(BaseHTTPRequestHandler):
 # ---------------------------------------------------------------- command line
 
 CLI_DESCRIPTION = ("Run a local stand-in for the CodeFormer gateway. It does NOT restore faces: "
-                   "the output is the input resized by 'upscale' (LANCZOS), as PNG.")
+                   "the output is the input resized by 'upscale' (LANCZOS) with the contrast of its "
+                   "centre raised, as PNG.")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
