@@ -173,9 +173,9 @@ def drop_all(scans: list[Path], inbox: Path) -> tuple[float, float, float]:
 
 
 def count_outputs(outbox: Path) -> int:
-    """Finished PNGs; hidden names are the daemon's temporaries, still being written."""
+    """Finished outputs (any format; sidecars left out); hidden names are the daemon's temporaries."""
     with os.scandir(outbox) as entries:
-        return sum(1 for e in entries if e.name.endswith(".png") and not e.name.startswith("."))
+        return sum(1 for e in entries if e.is_file() and not e.name.startswith(".") and not e.name.endswith(".json"))
 
 
 def wait_for_outputs(daemon: subprocess.Popen, folders: dict[str, Path], count: int, log_path: Path) -> float:

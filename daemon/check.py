@@ -3,8 +3,8 @@
 Checks the configuration (and warns about a built-in host's public URL no provider out on the
 internet can reach), that the folders are writable, that the provider accepts the key (a
 status request for an id that cannot exist answers 404 to a good key and 401/403 to a bad one), and
-a publish -> fetch -> unpublish round trip of a small probe image through the configured hosting
-adapter. No job is ever submitted. Published URLs may be secrets (presigned): they are never printed.
+that a configured C2PA certificate will sign (C2PA refuses a self-signed one), and a publish ->
+fetch -> unpublish round trip of a small probe image through the configured hosting adapter. No job is ever submitted. Published URLs may be secrets (presigned): they are never printed.
 """
 
 from __future__ import annotations
@@ -143,8 +143,24 @@ def run_checks(config_path: str | Path) -> tuple[list[CheckResult], bool]:
     public_url = judge_public_url(config)
     if public_url is not None:
         results.append(public_url)
+    signing = judge_signing(config)
+    if signing is not None:
+        results.append(signing)
     results.extend(hosting_round_trip(config, (config.api.connect_timeout, config.api.read_timeout)))
     return results, False
+
+
+def judge_signing(config: Config) -> CheckResult | None:
+    """Whether the station certificate will sign outputs (C2PA refuses a self-signed one); None if unset."""
+    from .service import StartupError, signing_key
+
+    if config.output.c2pa.certificate is None:
+        return None
+    try:
+        signing_key(config)
+    except (ConfigError, StartupError) as exc:
+        return CheckResult("content credentials", False, str(exc))
+    return CheckResult("content credentials", True, f"outputs are signed with {config.output.c2pa.certificate}")
 
 
 def _key_check(config: Config, key: Secret) -> CheckResult:

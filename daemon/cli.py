@@ -84,7 +84,8 @@ def render_status(summary: dict) -> str:
     lines.append("jobs: " + (", ".join(f"{k} {v}" for k, v in counts.items()) or "none"))
     lines.append(f"submissions spent: {summary['submissions_spent']}, duplicates skipped: "
                  f"{summary['duplicates_skipped']}, ambiguous submits found at restart: "
-                 f"{summary['ambiguous_at_restart']}")
+                 f"{summary['ambiguous_at_restart']}, delivered unchanged (no face restored): "
+                 f"{summary.get('unchanged_delivered', 0)}")
     if summary["in_flight"]:
         lines.append("in flight:")
         for job in summary["in_flight"]:
@@ -257,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     from . import emulator
 
     emu = commands.add_parser("emulator", help="run the local gateway emulator (it does not restore faces: "
-                                                "its output is the input resized by upscale)")
+                                                "its output is the input resized by upscale, contrast raised "
+                                                "in the middle)")
     emulator.add_arguments(emu)
     emu.set_defaults(handler=cmd_emulator)
 

@@ -194,6 +194,37 @@ class PreflightConfig:
     max_pixels: int = field(default=50_000_000, metadata=_range(1, 2_000_000_000))
 
 
+C2PA_KEY_CREDENTIAL = "c2pa_private_key"
+OUTPUT_FORMATS = ("auto", "png", "jpeg", "tiff", "webp")
+
+
+@dataclass(frozen=True)
+class C2paConfig:
+    """Content credentials: sign each output with a station certificate (needs the [c2pa] extra)."""
+
+    certificate: Path | None = None
+    """PEM chain, end-entity first; null: no signing."""
+    private_key: Path | None = None
+    """PEM key file; null: the systemd credential c2pa_private_key."""
+    timestamp_url: str | None = None
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """What the delivered file is: its format, what it keeps of the scan, its label, and the guard."""
+
+    format: str = field(default="auto", metadata=_choice(*OUTPUT_FORMATS))
+    jpeg_quality: int = field(default=95, metadata=_range(1, 100))
+    tiff_compression: str = field(default="tiff_adobe_deflate",
+                                  metadata=_choice("tiff_adobe_deflate", "tiff_lzw", "raw", "packbits"))
+    keep_metadata: bool = True
+    label: bool = True
+    sidecar: bool = False
+    grayscale: str = field(default="auto", metadata=_choice("auto", "off"))
+    unchanged: str = field(default="deliver", metadata=_choice("deliver", "fail"))
+    c2pa: C2paConfig = field(default_factory=C2paConfig)
+
+
 @dataclass(frozen=True)
 class LoggingConfig:
     format: str = field(default="auto", metadata=_choice("auto", "json", "console"))
@@ -209,6 +240,7 @@ class Config:
     hosting: HostingConfig = field(default_factory=HostingConfig)
     watch: WatchConfig = field(default_factory=WatchConfig)
     preflight: PreflightConfig = field(default_factory=PreflightConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     shutdown_timeout: float = field(default=20.0, metadata=_range(1.0, 3600))
 
@@ -390,6 +422,41 @@ def _validate_hosting_adapter(config: Config) -> None:
             raise ConfigError("hosting.webdav.username: required with hosting.webdav.password_file")
 
 
+def _validate_c2pa(signing: C2paConfig) -> None:
+    """A configured certificate needs its file, a key, and the extra that signs."""
+    if signing.certificate is None:
+        if signing.private_key is not None or signing.timestamp_url is not None:
+            raise ConfigError("output.c2pa.certificate: required with output.c2pa.private_key or timestamp_url")
+        return
+    try:
+        import c2pa  # noqa: F401 - only to say so now, naming the extra, rather than at the first delivery
+    except ImportError:
+        raise ConfigError("output.c2pa: signing needs c2pa-python, which is not installed; install the "
+                          "extra: pip install 'codeformer-daemon[c2pa]'") from None
+    for key, path in (("output.c2pa.certificate", signing.certificate), ("output.c2pa.private_key", signing.private_key)):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{key}: {path} does not exist or is not a file")
+    if signing.timestamp_url is not None:
+        _check_url(signing.timestamp_url, "output.c2pa.timestamp_url")
+
+
+def resolve_c2pa_key(config: Config, environ: typing.Mapping[str, str] | None = None) -> Path | None:
+    """The PEM key that signs outputs: output.c2pa.private_key, else $CREDENTIALS_DIRECTORY/c2pa_private_key.
+
+    None when no certificate is configured; ConfigError when one is and no key can be found.
+    """
+    c2pa = config.output.c2pa
+    if c2pa.certificate is None:
+        return None
+    if c2pa.private_key is not None:
+        return c2pa.private_key
+    credentials = (os.environ if environ is None else environ).get("CREDENTIALS_DIRECTORY")
+    if credentials and (Path(credentials) / C2PA_KEY_CREDENTIAL).is_file():
+        return Path(credentials) / C2PA_KEY_CREDENTIAL
+    raise ConfigError(f"output.c2pa.private_key: no key for output.c2pa.certificate; set it, or pass a systemd "
+                      f"credential named {C2PA_KEY_CREDENTIAL}")
+
+
 def validate(config: Config) -> None:
     """Checks that need more than one key or the file system; raise ConfigError naming the key."""
     _check_url(config.api.base_url, "api.base_url")
@@ -404,6 +471,7 @@ def validate(config: Config) -> None:
         if path is not None and not path.is_file():
             raise ConfigError(f"{key}: {path} does not exist or is not a file")
     _validate_hosting_adapter(config)
+    _validate_c2pa(config.output.c2pa)
 
     inbox = config.folders.inbox
     if not inbox.is_dir():

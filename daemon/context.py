@@ -48,6 +48,8 @@ class Context:
     """Asks the scheduler to poll a job at once (the provider's webhook said it changed)."""
     watched_inbox: tuple[int, int] | None = None
     """(device, inode) of the inbox folder the watcher watches, kept current by the scheduler."""
+    c2pa_key: Path | None = None
+    """The PEM key that signs outputs (output.c2pa), resolved by the service; None: no signing."""
     started_at: float = field(default_factory=time.time)
     """Wall time this daemon started: jobs submitted before it lived through a restart."""
     prechecked: dict[int, tuple[PreflightResult, int, int]] = field(default_factory=dict)
@@ -105,6 +107,19 @@ def staged_files(staging: Path, job_id: int) -> list[Path]:
     except FileNotFoundError:
         return []
     return [staging / n for n in names if staged_job_id(n) == job_id]
+
+
+def pinned_original(ctx: Context, job: Job) -> Path | None:
+    """The scan as it was checked and sent: its pin in staging (kept beside a PNG made from it), or,
+    for a job recorded before pins, the inbox file if it is unchanged; None when neither is there."""
+    if job.upload_path and Path(job.upload_path).parent == ctx.staging:
+        pins = [p for p in staged_files(ctx.staging, job.id) if p.name.startswith(staged_stem(job.id) + "-")]
+        if pins:
+            return pins[0]
+    source = ctx.inbox / job.rel_path
+    if os.path.isfile(source) and not os.path.islink(source) and not changed_since_taken(source, job):
+        return source
+    return None
 
 
 def staged_stem(job_id: int) -> str:

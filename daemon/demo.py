@@ -2,7 +2,8 @@
 
 It starts the gateway emulator and the daemon (built-in host) on loopback, drops a few generated
 photo-like scans into an inbox the way a scanner would, waits for the restored files and prints them.
-The emulator does not restore faces: each "restored" file is the scan resized by `upscale`.
+The emulator does not restore faces: each "restored" file is the scan resized by `upscale`, with
+the contrast of its middle raised, standing in for restored faces.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ import random
 import sys
 import threading
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from PIL import Image, ImageDraw, ImageFilter
 
 from .config import Secret, config_from_mapping
 from .emulator import GatewayEmulator
+from .output.encode import EXTENSIONS
+from .output.metadata import choose_format
 
 
 class DemoError(Exception):
@@ -55,10 +58,18 @@ def make_photo(path: Path, width: int = 320, height: int = 400, seed: int = 0, f
 def drop_like_a_scanner(final: Path, seed: int, width: int = 320, height: int = 400) -> Path:
     """Write under a temporary name beside the target, then rename: what scanning software does."""
     temp = final.with_name(final.name + ".part")
-    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".tif": "TIFF", ".tiff": "TIFF"}[final.suffix.lower()]
-    make_photo(temp, width, height, seed=seed, format=fmt)
+    make_photo(temp, width, height, seed=seed, format=SCAN_FORMATS[final.suffix.lower()])
     os.replace(temp, final)
     return final
+
+
+SCAN_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".tif": "TIFF", ".tiff": "TIFF"}
+
+
+def output_name(name: str) -> str:
+    """Where the outbox puts the restored `name` with the default output.format (auto: its own family)."""
+    path = PurePosixPath(name)
+    return str(path.with_suffix(EXTENSIONS[choose_format("auto", SCAN_FORMATS[path.suffix.lower()])]))
 
 
 DEMO_FILES = ["portrait-1952.jpg", "album 1960s/wedding.png", "album 1960s/grandparents.tif",
@@ -94,7 +105,7 @@ def run_demo(directory: str | os.PathLike, count: int = 4, latency: float = 1.0,
                  for i in range(count)]
         for i, name in enumerate(names):
             drop_like_a_scanner(folders["inbox"] / name, seed=i)
-        expected = {(folders["outbox"] / name).with_suffix(".png") for name in names}
+        expected = {folders["outbox"] / output_name(name) for name in names}
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not all(p.exists() for p in expected):
             if _failed_records(folders["failed"]):
@@ -105,7 +116,8 @@ def run_demo(directory: str | os.PathLike, count: int = 4, latency: float = 1.0,
         runner.join(timeout=30)
 
     restored = sorted(p for p in expected if p.exists())
-    print(f"\nRestored {len(restored)} of {len(names)} scans (emulator: resized by upscale, no real restoration):")
+    print(f"\nRestored {len(restored)} of {len(names)} scans (emulator: resized by upscale, contrast raised in the "
+          "middle, no real restoration; each labelled as an AI restoration in its XMP):")
     for path in restored:
         with Image.open(path) as image:
             size = f"{image.width}x{image.height}"

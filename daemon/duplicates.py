@@ -7,13 +7,12 @@ twin's result (a copy of its output, or its media URL fetched again), or wait fo
 from __future__ import annotations
 
 import enum
-import shutil
 
 import structlog
 
 from .api import DownloadError
 from .context import Context, StageOutcome, unpublish
-from .finishing import BadResult, finish_delivery, placed_output, write_result
+from .finishing import BadResult, copy_output, finish_delivery, placed_output, write_result
 from .journal import Job, JobState
 
 log = structlog.get_logger("daemon.stages")
@@ -71,21 +70,15 @@ def wait_for_twin(ctx: Context, job: Job, twin: Job) -> StageOutcome:
 def reuse_result(ctx: Context, job: Job, twin: Job) -> bool:
     """Produce this job's output from its twin's: a copy of its output, or its media URL again."""
     twin_output = placed_output(twin)
-    if twin_output is not None:
-        origin = "outbox copy"
-
-        def fill(f):
-            with open(twin_output, "rb") as src:
-                shutil.copyfileobj(src, f, 1024 * 1024)
-    elif twin.state is JobState.DONE and twin.media_url:
-        origin = "media URL"
-
-        def fill(f):
-            ctx.api.download(twin.media_url, f, int(ctx.config.api.max_download_mb * 1024 * 1024))
-    else:
-        return False
     try:
-        output = write_result(ctx, job, fill)
+        if twin_output is not None:
+            origin, output = "outbox copy", copy_output(ctx, job, twin_output)
+        elif twin.state is JobState.DONE and twin.media_url:
+            max_bytes = int(ctx.config.api.max_download_mb * 1024 * 1024)
+            origin, (output, _facts) = "media URL", write_result(
+                ctx, job, lambda f: ctx.api.download(twin.media_url, f, max_bytes), request_id=twin.request_id)
+        else:
+            return False
     except (DownloadError, BadResult, FileNotFoundError) as exc:
         log.info("job.duplicate_reuse_failed", rel_path=job.rel_path, job_id=job.id, twin=twin.id, error=str(exc))
         return False

@@ -8,25 +8,26 @@ after a crash. The launch and poll stages (daemon.stages) build on this module.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 import structlog
-from PIL import Image
 
 from .api import DownloadError
-from .config import Config
-from .context import Context, changed_since_taken, remove_staged, require_inbox, unpublish
+from .context import Context, changed_since_taken, pinned_original, remove_staged, require_inbox, unpublish
 from .journal import Job, JobState, StaleTransition
 from .logging import mask_secrets
 from .outbox import claim_name, finish_temp, free_name, move_to, temporary_file, write_json_atomically
+from .output.pipeline import BadResult, Origin, OutputFacts, pixel_cap, rendered
 from .pacing import full_jitter
-from .preflight import is_environment_fault, sha256_of
+from .preflight import sha256_of
 
 log = structlog.get_logger("daemon.finishing")
 
@@ -40,87 +41,84 @@ def iso(ts: float) -> str:
 
 def deliver(ctx: Context, job: Job) -> None:
     """DOWNLOADING -> result into the outbox (atomically) -> DELIVERING -> archive -> DONE."""
-    output = placed_output(job)  # placed before a crash, not yet recorded as delivered
+    output, facts = placed_output(job), None  # placed before a crash, not yet recorded as delivered
     if output is None:
-        output = _download_into_outbox(ctx, job)
-        if output is None:
+        made = _download_into_outbox(ctx, job)
+        if made is None:
             return
+        output, facts = made
     job = ctx.journal.transition(ctx.journal.get(job.id), JobState.DELIVERING, "output written",
                                  output_path=str(output))
+    if facts is not None and facts.unchanged:
+        ctx.journal.add_to_counter("unchanged_delivered")
+        log.warning("job.unchanged", rel_path=job.rel_path, job_id=job.id, request_id=job.request_id,
+                    detail="the provider returned the scan only resized: no face found or restored (delivered, "
+                           "flagged in the label; output.unchanged: fail sends such scans to failed/)")
     log.info("job.delivered", rel_path=job.rel_path, job_id=job.id, request_id=job.request_id,
-             output=str(output), bytes=output.stat().st_size)
+             output=str(output), bytes=output.stat().st_size,
+             **(dataclasses.asdict(facts) | {"sidecar": facts.sidecar is not None} if facts else {}))
     finish_delivery(ctx, job)
 
 
-def _download_into_outbox(ctx: Context, job: Job) -> Path | None:
+def _download_into_outbox(ctx: Context, job: Job) -> tuple[Path, OutputFacts] | None:
     max_bytes = int(ctx.config.api.max_download_mb * 1024 * 1024)
     started = time.monotonic()
     # Errors writing the outbox (disk full, read-only) are not caught here: they reach the
     # scheduler, which keeps the job and tries again later, however long the fault lasts.
     try:
-        output = write_result(ctx, job, lambda f: ctx.api.download(job.media_url, f, max_bytes))
-    except (DownloadError, BadResult) as exc:
+        made = write_result(ctx, job, lambda f: ctx.api.download(job.media_url, f, max_bytes))
+    except DownloadError as exc:
         _download_failed(ctx, job, str(exc), exc.retryable)
         return None
-    log.info("job.downloaded", rel_path=job.rel_path, job_id=job.id, bytes=output.stat().st_size,
+    except BadResult as exc:
+        if exc.kind == "download_failed":
+            _download_failed(ctx, job, exc.reason, exc.retryable)
+        else:  # judged, not broken: fetching it again would bring the same
+            fail(ctx, job, exc.kind, exc.reason)
+        return None
+    log.info("job.downloaded", rel_path=job.rel_path, job_id=job.id, bytes=made[0].stat().st_size,
              duration=round(time.monotonic() - started, 3))
-    return output
+    return made
 
 
-class BadResult(Exception):
-    """The provider's result is not fit to deliver; `retryable` says whether fetching it again may help."""
+def write_result(ctx: Context, job: Job, fill: Callable[[BinaryIO], object], *,
+                 request_id: str | None = None) -> tuple[Path, OutputFacts]:
+    """The provider's result, written by `fill`, made into the output and placed under a name recorded first.
 
-    def __init__(self, reason: str, retryable: bool) -> None:
-        super().__init__(reason)
-        self.retryable = retryable
-
-
-def result_pixel_cap(config: Config, params: dict) -> int:
-    """The most pixels a result may have: what preflight lets in, times the requested upscale squared."""
-    upscale = params.get("upscale", 1)
-    return config.preflight.max_pixels * max(1, int(upscale) if isinstance(upscale, (int, float)) else 1) ** 2
-
-
-def write_result(ctx: Context, job: Job, fill: Callable[[BinaryIO], object]) -> Path:
-    """The result, written by `fill`, checked and placed in the outbox under a free name recorded first.
-
-    Raises BadResult for a result that is no image or is over the pixel cap; whatever `fill`
-    raises (a failed download) passes through. Nothing is left in the outbox unless it is placed.
+    Raises BadResult for a result that is no image, too large, blank or (if so configured) unchanged;
+    whatever `fill` raises (a failed download) passes through. Nothing is left in the outbox unless placed.
     """
-    wanted = ctx.folders.output_path(job.rel_path)
-    with temporary_file(wanted.parent) as (temp, f):
+    directory = ctx.folders.output_path(job.rel_path, "").parent
+    origin = Origin(scan=pinned_original(ctx, job), scan_sha256=job.sha256 or "",
+                    request_id=request_id or job.request_id, params=job.params)
+    cap = pixel_cap(ctx.config.preflight.max_pixels, job.params)
+    with temporary_file(directory) as (raw, f):
         fill(f)
         finish_temp(f)
-        converted = check_result(temp, result_pixel_cap(ctx.config, job.params))
-        if converted is not None:
-            rewrite_as_png(temp, converted)
-        return place_output(ctx, job, temp, wanted)
+        title = PurePosixPath(job.rel_path).stem
+        with rendered(raw, directory, origin, ctx.config.output, cap, title=title,
+                      c2pa_key=ctx.c2pa_key) as (final, facts):
+            output = place_output(ctx, job, final, ctx.folders.output_path(job.rel_path, facts.extension))
+    if facts.sidecar is not None:
+        write_sidecar(output, facts.sidecar)
+    return output, facts
 
 
-def check_result(path: Path, pixel_cap: int) -> Image.Image | None:
-    """Prove the result is an image within `pixel_cap`; an image to re-save if it is not a PNG.
+def copy_output(ctx: Context, job: Job, source: Path) -> Path:
+    """Another job's finished output, copied as it is (same content, same parameters) under this job's name."""
+    directory = ctx.folders.output_path(job.rel_path, "").parent
+    with temporary_file(directory) as (temp, f):
+        with open(source, "rb") as src:
+            shutil.copyfileobj(src, f, 1024 * 1024)
+        finish_temp(f)
+        return place_output(ctx, job, temp, ctx.folders.output_path(job.rel_path, source.suffix))
 
-    The size comes from the header, before a single pixel is decoded: a result too large to decode
-    is refused once, with the reason, instead of being fetched again and again.
-    """
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-            if width * height > pixel_cap:
-                raise BadResult(f"the result is {width}x{height} = {width * height} pixels, over the cap of "
-                                f"{pixel_cap} (preflight.max_pixels times upscale squared)", retryable=False)
-            image.load()  # a full decode: proof the bytes on disk are a whole image
-            if image.format == "PNG":
-                return None
-            return image.convert("RGBA" if "A" in image.getbands() else "RGB")
-    except BadResult:
-        raise
-    except OSError as exc:
-        if is_environment_fault(exc):
-            raise  # our own disk failing, not the result: the scheduler keeps the job
-        raise BadResult(f"the result is not a readable image: {exc}", retryable=True) from None
-    except (SyntaxError, ValueError) as exc:
-        raise BadResult(f"the result is not a readable image: {exc}", retryable=True) from None
+
+def write_sidecar(output: Path, record: dict) -> None:
+    """`<output>.json` with the provenance record, unless an earlier run wrote it already."""
+    sidecar = output.with_name(output.name + ".json")
+    if not sidecar.exists():
+        write_json_atomically(sidecar, record)
 
 
 def placed_output(job: Job) -> Path | None:
@@ -155,13 +153,6 @@ def place_output(ctx: Context, job: Job, temp: Path, wanted: Path) -> Path:
         log.warning("output.renamed", rel_path=job.rel_path, job_id=job.id, wanted=str(wanted), output=str(output),
                     reason="a file of that name already exists in the outbox")
     return output
-
-
-def rewrite_as_png(path: Path, image: Image.Image) -> None:
-    with open(path, "r+b") as f:
-        f.truncate(0)
-        image.save(f, format="PNG")
-        finish_temp(f)
 
 
 def _download_failed(ctx: Context, job: Job, reason: str, retryable: bool) -> None:

@@ -493,6 +493,7 @@ class Journal:
             "inbox_unavailable": self.get_meta("inbox_unavailable"),
             "ambiguous_at_restart": self.counter("ambiguous_at_restart"),
             "duplicates_skipped": self.counter("duplicates_skipped"),
+            "unchanged_delivered": self.counter("unchanged_delivered"),
             "submissions_spent": int(spent),
             "heartbeat_age_seconds": round(now - float(heartbeat), 1) if heartbeat else None,
             "pid": int(self.get_meta("pid") or 0) or None,

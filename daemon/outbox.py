@@ -32,10 +32,10 @@ class Folders:
     archive: Path
     failed: Path
 
-    def output_path(self, rel_path: str) -> Path:
-        """inbox/<rel>/<name> -> outbox/<rel>/<stem>.png"""
+    def output_path(self, rel_path: str, extension: str) -> Path:
+        """inbox/<rel>/<name> -> outbox/<rel>/<stem><extension> (the output format's: .jpg, .png, .tif, .webp)"""
         rel = PurePosixPath(rel_path)
-        return self.outbox.joinpath(*rel.parent.parts, rel.stem + ".png")
+        return self.outbox.joinpath(*rel.parent.parts, rel.stem + extension)
 
     def archive_path(self, rel_path: str) -> Path:
         return self.archive.joinpath(*PurePosixPath(rel_path).parts)

@@ -146,8 +146,9 @@ def check_image(path: Path, staging_dir: Path, stem: str, *, max_pixels: int) ->
     """Pin `path` into `staging_dir` as `<stem>-<name>`, then check the pin by content.
 
     The file is read through one descriptor opened without following links, so what is pinned,
-    hashed, decoded and judged is the same file, and always one inside the inbox. A PNG made
-    for the provider replaces the pin as `<stem>.png`. On any verdict the pin is removed.
+    hashed, decoded and judged is the same file, and always one inside the inbox. A PNG made for
+    the provider goes beside the pin as `<stem>.png` and is what gets published. On any verdict
+    the pin is removed.
     """
     try:
         st = os.lstat(path)
@@ -172,9 +173,7 @@ def check_image(path: Path, staging_dir: Path, stem: str, *, max_pixels: int) ->
         if isinstance(exc, Exception):
             _raise_as_verdict(exc)
         raise
-    if result.converted:
-        _remove(pinned)
-    return result
+    return result  # a converted scan keeps its pin too: what the output's metadata and credentials name
 
 
 def _raise_as_verdict(exc: Exception) -> None:

@@ -20,7 +20,7 @@ import structlog
 
 from . import __version__
 from .api import ApiClient
-from .config import Config, ConfigError, LoggingConfig, Secret, load_config, resolve_api_key
+from .config import Config, ConfigError, LoggingConfig, Secret, load_config, resolve_api_key, resolve_c2pa_key
 from .hosting import HostingAdapter, HostingError, create_adapter
 from .journal import Journal, JournalError
 from .logging import register_secret
@@ -70,11 +70,29 @@ def try_instance_lock(state_dir: Path) -> int | None:
     return fd
 
 
+def signing_key(config: Config) -> Path | None:
+    """The key that signs outputs with content credentials, once the certificate is known to be usable.
+
+    A certificate C2PA would refuse (self-signed above all) stops the start with the reason, rather
+    than failing every delivery; None when output.c2pa is not configured.
+    """
+    key = resolve_c2pa_key(config)
+    if key is None:
+        return None
+    from .output.credentials import certificate_problem  # the [c2pa] extra, checked by the configuration
+
+    problem = certificate_problem(config.output.c2pa.certificate, key)
+    if problem is not None:
+        raise StartupError(f"output.c2pa.certificate: {problem}")
+    return key
+
+
 def reloaded_config(old: Config, new: Config) -> tuple[Config, list[str]]:
     """The configuration a reload puts in force, and the changed keys it leaves for a restart.
 
     What is read afresh for each new job or check applies at once: `restore` (for files taken from
-    now on; a job keeps the parameters recorded when it was taken), `preflight`, `logging`,
+    now on; a job keeps the parameters recorded when it was taken), `output` (for results delivered
+    from now on; a new signing key is checked first), `preflight`, `logging`,
     `shutdown_timeout`, and `api.api_key_file` (the key). The rest is wired into parts that are
     running (folders and state_dir, the watcher, the host and its listening socket, the HTTP
     client's timeouts, the scheduler's slots and poll clock): it keeps its old value until a restart.
@@ -136,6 +154,10 @@ class Service:
 
     def start(self) -> None:
         config = self.config
+        try:
+            c2pa_key = signing_key(config)
+        except ConfigError as exc:
+            raise StartupError(str(exc)) from None
         prepare_folders(config)
         self._take_lock()
         try:
@@ -148,7 +170,8 @@ class Service:
             raise StartupError(str(exc)) from None
         folders = Folders(config.folders.outbox, config.folders.archive, config.folders.failed)
         ctx = Context(config=config, journal=self.journal, host=self.host, api=ApiClient(config.api, self.api_key),
-                      folders=folders, inbox=config.folders.inbox, staging=config.state_dir / "staging")
+                      folders=folders, inbox=config.folders.inbox, staging=config.state_dir / "staging",
+                      c2pa_key=c2pa_key)
         wake = threading.Event()
         self.watcher = InboxWatcher(config.folders.inbox, settle_seconds=config.watch.settle_seconds,
                                     rescan_seconds=config.watch.rescan_seconds, ignore=config.watch.ignore,
@@ -210,7 +233,8 @@ class Service:
         try:
             fresh = load_config(self.config_path) if self.config_path is not None else self.config
             key = resolve_api_key(fresh)
-        except ConfigError as exc:
+            c2pa_key = signing_key(fresh)
+        except (ConfigError, StartupError) as exc:
             log.error("daemon.reload_failed", reason=str(exc),
                       detail="nothing changed: still running on the configuration and key read earlier")
             return
@@ -221,6 +245,7 @@ class Service:
         key_changed = key != self.api_key
         self.config = applied
         self.scheduler.ctx.config = applied  # stages and the scheduler read it afresh for each job
+        self.scheduler.ctx.c2pa_key = c2pa_key
         self.api_key = key
         self.scheduler.ctx.api.set_key(key)
         if logging_changed and self.configure_logging is not None:

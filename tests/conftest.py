@@ -82,6 +82,9 @@ def config_mapping(folders: dict[str, Path], emulator: GatewayEmulator, **overri
         "hosting": {"adapter": "builtin", "builtin": {"listen": "127.0.0.1:0"}},
         "watch": {"settle_seconds": 0.3, "rescan_seconds": 5},
         "logging": {"format": "json", "level": "debug"},
+        # PNG outputs whatever the scan, its pixels exactly the provider's: the pipeline tests name their
+        # outputs <stem>.png and compare pixels; tests/test_output_end_to_end.py covers formats and guard.
+        "output": {"format": "png", "grayscale": "off"},
     }
     for section, values in overrides.items():
         if isinstance(values, dict) and isinstance(data.get(section), dict):

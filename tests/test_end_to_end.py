@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import time
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 from PIL import Image
 
 from daemon.demo import make_photo
+from daemon.emulator import render_output
 from daemon.journal import Journal, JobState
 from daemon.service import journal_path
 
@@ -23,10 +25,9 @@ def sha256(path: Path) -> str:
 
 
 def reference_output(original: Path, upscale: int) -> Image.Image:
-    """What the emulator makes of exactly these pixels: the input resized by `upscale`."""
+    """What the emulator makes of exactly these pixels: the input resized by `upscale`, its centre touched."""
     with Image.open(original) as image:
-        image = image.convert("RGB")
-        return image.resize((image.width * upscale, image.height * upscale), Image.LANCZOS)
+        return Image.open(io.BytesIO(render_output(image.convert("RGB"), upscale)))
 
 
 def write_slowly(path: Path, data: bytes, chunks: int, pause: float) -> None:

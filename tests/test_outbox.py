@@ -23,7 +23,7 @@ def refuse_link(monkeypatch, source, error: int) -> None:
 
 def test_output_paths_mirror_the_inbox(tmp_path):
     folders = Folders(tmp_path / "out", tmp_path / "arch", tmp_path / "fail")
-    assert folders.output_path("album 1/scan.tiff") == tmp_path / "out" / "album 1" / "scan.png"
+    assert folders.output_path("album 1/scan.tiff", ".tif") == tmp_path / "out" / "album 1" / "scan.tif"
     assert folders.archive_path("album 1/scan.tiff") == tmp_path / "arch" / "album 1" / "scan.tiff"
 
 

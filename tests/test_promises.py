@@ -102,7 +102,8 @@ def test_pending_jobs_backing_off_do_not_keep_newer_files_from_their_slots(
 
     run_daemon(config)
     make_photo(folders["inbox"] / "new.jpg", 200, 150, seed=3, format="JPEG")
-    wait_for(lambda: (folders["outbox"] / "new.png").exists(), 10, what="the newer file restored")
+    wait_for(lambda: (folders["archive"] / "new.jpg").exists(), 10, what="the newer file restored and archived")
+    assert (folders["outbox"] / "new.png").exists()
     assert emulator.stats()["submits_received"] == 1
     assert sorted(p.name for p in visible_files(folders["inbox"])) == ["old1.jpg", "old2.jpg"]
 
@@ -169,12 +170,12 @@ def test_a_result_over_the_pixel_cap_is_fetched_once_and_failed_with_the_reason(
 
 
 def test_results_are_checked_against_the_cap_before_they_are_decoded(tmp_path):
-    from daemon.finishing import BadResult, check_result
+    from daemon.output.pipeline import BadResult, open_result
 
     path = tmp_path / "huge.png"
     Image.new("L", (20_000, 20_000)).save(path, optimize=False, compress_level=9)  # 400 Mpx, a few hundred KB
     with pytest.raises(BadResult) as refused:
-        check_result(path, pixel_cap=1_000_000)
+        open_result(path, cap=1_000_000)
     assert not refused.value.retryable and "20000x20000" in str(refused.value)
 
 
@@ -226,8 +227,10 @@ def test_an_unexpected_error_during_publishing_unpublishes_before_the_job_waits(
 
 
 def png_bytes(color: tuple[int, int, int]) -> bytes:
+    """A small result of its own colour, with a gradient (a single colour would be refused as blank)."""
+    image = Image.linear_gradient("L").resize((64, 48)).convert("RGB")
     buffer = io.BytesIO()
-    Image.new("RGB", (64, 48), color).save(buffer, "PNG")
+    Image.blend(image, Image.new("RGB", image.size, color), 0.5).save(buffer, "PNG")
     return buffer.getvalue()
 
 
@@ -258,7 +261,8 @@ def test_after_a_crash_a_job_never_adopts_an_output_another_job_placed_under_its
     run_daemon(config)
     wait_for(lambda: (folders["archive"] / "scan.jpg").exists(), 15, what="the job finished")
     assert (folders["outbox"] / "scan.png").read_bytes() == other_result, "the other job's output is untouched"
-    assert (folders["outbox"] / "scan-1.png").read_bytes() == own_result, "its own result, under a free name"
+    with Image.open(folders["outbox"] / "scan-1.png") as mine, Image.open(io.BytesIO(own_result)) as expected:
+        assert mine.convert("RGB").tobytes() == expected.convert("RGB").tobytes(), "its own result, under a free name"
 
 
 def test_a_result_placed_before_a_crash_is_adopted_without_fetching_it_again(
