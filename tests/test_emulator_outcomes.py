@@ -20,7 +20,7 @@ from daemon.demo import make_photo
 from daemon.emulator import GatewayEmulator, central_box, render_output
 from daemon.output.guard import is_blank, is_unchanged, judge, scan_tone
 
-from .test_emulator import LocalSite, final_document, submit_ok
+from .test_emulator import emu, final_document, site, submit_ok  # noqa: F401 - fixtures
 
 
 def photo(size=(160, 200), seed=3) -> Image.Image:
@@ -189,19 +189,6 @@ def test_the_png_is_written_fast():
 
 
 # ---------------------------------------------------------------- over HTTP, by injected faults
-
-
-@pytest.fixture
-def site():
-    local = LocalSite()
-    yield local
-    local.close()
-
-
-@pytest.fixture
-def emu():
-    with GatewayEmulator(latency=0.05) as gateway:
-        yield gateway
 
 
 def download(gateway: GatewayEmulator, request_id: str) -> bytes:
