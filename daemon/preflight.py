@@ -24,6 +24,8 @@ from typing import BinaryIO
 
 from PIL import Image, UnidentifiedImageError
 
+from .outbox import fsync_dir
+
 # Every decode in the daemon checks an explicit pixel cap from the header before it loads a pixel
 # (preflight.max_pixels for scans, that times upscale squared for results). Pillow's own global
 # guess would refuse a result the configuration allows, or raise where a clear reason is owed.
@@ -260,14 +262,6 @@ def converted_name(stem: str) -> str:
     return f"{stem}.png"
 
 
-def _fsync_folder(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _remove(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
@@ -295,7 +289,7 @@ def _decode(pinned: Path, sha256: str, staging_dir: Path, stem: str, max_pixels:
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(temp, target)
-            _fsync_folder(staging_dir)
+            fsync_dir(staging_dir)
         except OSError as exc:
             _remove(temp)
             raise StagingError(f"cannot write the converted scan into {staging_dir}: {exc}") from None

@@ -87,13 +87,17 @@ def open_result(path: Path, cap: int) -> Image.Image:
     and again; one that does not decode may be a broken transfer and is worth fetching again.
     """
     try:
-        with Image.open(path) as image:
+        image = Image.open(path)
+        try:
             width, height = image.size
             if width * height > cap:
                 raise BadResult(f"the result is {width}x{height} = {width * height} pixels, over the cap of "
                                 f"{cap} (preflight.max_pixels times upscale squared)", retryable=False)
-            image.load()  # a full decode: proof the bytes on disk are a whole image
-            return image.copy()
+            image.load()  # a full decode: proof the bytes on disk are a whole image (and the file is closed)
+        except BaseException:
+            image.close()
+            raise
+        return image  # not a copy: a second full-size image would double the peak memory of a delivery
     except BadResult:
         raise
     except OSError as exc:
@@ -112,9 +116,7 @@ def read_scan(scan: Path | None) -> tuple[Image.Image | None, ScanMetadata | Non
         metadata = read_scan_metadata(scan)
         with Image.open(scan) as image:
             image.draft("RGB", (GUARD_SIDE, GUARD_SIDE))  # JPEG decodes at 1/2..1/8 scale: far cheaper
-            upright = ImageOps.exif_transpose(image)
-            upright.load()
-            return upright.copy(), metadata
+            return ImageOps.exif_transpose(image), metadata  # a new, loaded image: it outlives the file
     except FileNotFoundError:
         return None, None
 
