@@ -15,7 +15,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from PIL import ExifTags, Image, ImageCms, ImageOps, JpegImagePlugin
+from PIL import ExifTags, Image, ImageCms, ImageOps, IptcImagePlugin, JpegImagePlugin, TiffTags
 from PIL.PngImagePlugin import PngInfo
 
 from daemon.output.encode import EXTENSIONS, encode, fit_mode, icc_fits, output_dpi
@@ -51,6 +51,26 @@ SCAN_XMP = """<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>
  </rdf:RDF>
 </x:xmpmeta>
 <?xpacket end="w"?>""".encode("utf-8")
+
+
+def iim(record: int, dataset: int, value: bytes) -> bytes:
+    return bytes([0x1C, record, dataset]) + len(value).to_bytes(2, "big") + value
+
+
+SCAN_IIM = (iim(1, 90, b"\x1b%G")  # coded character set: UTF-8
+            + iim(2, 5, b"Rose at the lake") + iim(2, 25, b"family") + iim(2, 25, b"Rose")
+            + iim(2, 120, "Gro\u00dfmutter Rose at the lake, 1952".encode("utf-8"))
+            + iim(2, 116, b"(c) Ann Example"))
+IIM_READ_BACK = {(1, 90): b"\x1b%G", (2, 5): b"Rose at the lake", (2, 25): [b"family", b"Rose"],
+                 (2, 120): "Gro\u00dfmutter Rose at the lake, 1952".encode("utf-8"), (2, 116): b"(c) Ann Example"}
+
+
+def photoshop_app13(resources: dict[int, bytes]) -> bytes:
+    """A JPEG APP13 segment as Photoshop writes it, built by hand (not by the code under test)."""
+    body = b"Photoshop 3.0\x00"
+    for resource, data in resources.items():
+        body += b"8BIM" + struct.pack(">HHI", resource, 0, len(data)) + data + b"\x00" * (len(data) % 2)
+    return b"\xff\xed" + struct.pack(">H", 2 + len(body)) + body
 
 
 def provenance(**changes) -> Provenance:
@@ -108,8 +128,9 @@ def write_scan(path: Path, fmt: str, size=(120, 90), orientation: int = 1, thumb
     """A scan on disk with EXIF, ICC, 600 dpi and XMP, in each format's own way; returns its pixels."""
     image = photo(size)
     exif = scan_exif(size, orientation, thumbnail)
-    if fmt == "JPEG":
-        image.save(path, "JPEG", exif=exif, icc_profile=ICC, dpi=(600, 600), xmp=SCAN_XMP, quality=95)
+    if fmt == "JPEG":  # with Photoshop's APP13: the IIM records and a thumbnail of the scan
+        app13 = photoshop_app13({0x0404: SCAN_IIM, 0x040C: b"a thumbnail of the unrestored scan"})
+        image.save(path, "JPEG", exif=exif, icc_profile=ICC, dpi=(600, 600), xmp=SCAN_XMP, quality=95, extra=app13)
     elif fmt == "PNG":
         info = PngInfo()
         info.add_itxt("XML:com.adobe.xmp", SCAN_XMP.decode("utf-8"))
@@ -118,6 +139,7 @@ def write_scan(path: Path, fmt: str, size=(120, 90), orientation: int = 1, thumb
         tags = Image.Exif()
         tags.load(exif)
         tags[700], tags[0x013B] = SCAN_XMP, ARTIST.encode("utf-8")  # Pillow reads EXIF text as Latin-1
+        tags[0x83BB] = SCAN_IIM
         image.save(path, "TIFF", exif=tags, icc_profile=ICC, dpi=(600, 600))
     return image
 
@@ -205,6 +227,8 @@ def test_jpeg_scan_comes_back_with_its_exif_icc_resolution_and_xmp_and_the_label
     assert (exif.get_ifd(IFD)[0xA002], exif.get_ifd(IFD)[0xA003]) == (240, 180)
     assert exif[0x0213] == 1  # YCbCrPositioning, which EXIF requires of a JPEG
     assert_scan_xmp_kept_and_labelled(xmp_of(out))
+    assert IptcImagePlugin.getiptcinfo(out) == IIM_READ_BACK
+    assert set(out.info["photoshop"]) == {0x0404}  # the scan's thumbnail is not carried
 
 
 def test_png_scan_comes_back_with_its_exif_icc_resolution_and_xmp_and_the_label(tmp_path):
@@ -234,6 +258,7 @@ def test_tiff_scan_comes_back_with_its_exif_sub_ifds_icc_resolution_and_xmp(tmp_
     assert_exif_kept(out.getexif(), out.size, 1200)  # DateTimeOriginal and GPS live in sub-IFDs
     assert 0xA002 not in out.getexif().get_ifd(IFD)  # TIFF/EP has the TIFF's own ImageWidth instead
     assert_scan_xmp_kept_and_labelled(xmp_of(out))
+    assert IptcImagePlugin.getiptcinfo(out) == IIM_READ_BACK
     out.load()  # libtiff decodes the file whose first IFD was rewritten
     assert out.tobytes() == scan.resize((240, 180)).tobytes()
 
@@ -247,6 +272,51 @@ def test_a_jpeg_scan_keeps_its_metadata_in_every_output_format(tmp_path, fmt):
     assert_exif_kept(out.getexif(), out.size, 1200)  # WebP has no resolution field but its EXIF's
     assert (0x0213 in out.getexif()) is (fmt != "TIFF")  # YCbCrPositioning: a JPEG's, meaningless in RGB TIFF
     assert_scan_xmp_kept_and_labelled(xmp_of(out))
+    # IIM where the format has a place for it; PNG and WebP carry its IPTC Core twin in the XMP
+    assert IptcImagePlugin.getiptcinfo(out) == (IIM_READ_BACK if fmt in ("JPEG", "TIFF") else None)
+
+
+def test_a_tiff_scans_iptc_records_come_back_in_a_jpeg(tmp_path):
+    path = tmp_path / "scan.tif"
+    write_scan(path, "TIFF")
+    out, _ = restore(path, "JPEG")
+    assert IptcImagePlugin.getiptcinfo(out) == IIM_READ_BACK
+
+
+@pytest.mark.filterwarnings("ignore:Metadata Warning")  # Pillow expects one value, Photoshop writes many
+def test_iptc_records_typed_long_by_photoshop_are_read_as_bytes(tmp_path):
+    """Photoshop types the TIFF IPTC-NAA tag LONG and pads it to four bytes; the records are kept."""
+    path = tmp_path / "scan.tif"
+    padded = SCAN_IIM + b"\x00" * (-len(SCAN_IIM) % 4)
+    tags = Image.Exif()
+    tags[0x83BB] = padded
+    photo((60, 40)).save(path, "TIFF", exif=tags)  # Pillow writes it UNDEFINED: retyped in place
+    data = bytearray(path.read_bytes())
+    entry = data.index(struct.pack("<HHI", 0x83BB, TiffTags.UNDEFINED, len(padded)))
+    struct.pack_into("<HHI", data, entry, 0x83BB, TiffTags.LONG, len(padded) // 4)
+    path.write_bytes(data)
+    with Image.open(path) as scan:
+        assert scan.tag_v2.tagtype[0x83BB] == 4  # LONG, as Photoshop writes it
+    assert read_scan_metadata(path).iptc == SCAN_IIM
+
+
+@pytest.mark.parametrize("broken", [
+    SCAN_IIM[:-3],                                  # the last dataset cut short
+    b"\x1d" + SCAN_IIM[1:],                         # not a dataset marker
+    b"\x1c\x02\xca\x80\x04" + (70000).to_bytes(4, "big") + b"x" * 70000,  # well formed, over one segment
+])
+def test_broken_iptc_records_cost_the_records_not_the_delivery(tmp_path, broken):
+    if len(broken) > 65000:  # a JPEG segment could not hold it: a TIFF tag can
+        path = tmp_path / "scan.tif"
+        tags = Image.Exif()
+        tags[0x83BB] = broken
+        photo((60, 40)).save(path, "TIFF", exif=tags)
+    else:
+        path = tmp_path / "scan.jpg"
+        photo((60, 40)).save(path, "JPEG", extra=photoshop_app13({0x0404: broken}))
+    assert read_scan_metadata(path).iptc is None
+    out, _ = restore(path, "JPEG")
+    assert IptcImagePlugin.getiptcinfo(out) is None
 
 
 def test_webp_is_lossless():

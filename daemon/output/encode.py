@@ -5,13 +5,16 @@ so every piece is passed explicitly, rewritten where the restoration made it fal
 is 1 (the provider returns upright pixels), the EXIF pixel dimensions are the output's, the scan's
 thumbnail is gone, and the resolution grows with the real scale factor so the print size stays.
 
-What each format carries (ICC, resolution, EXIF with its sub-IFDs, XMP):
-  JPEG  APP2 ICC, JFIF + EXIF resolution, APP1 EXIF, APP1 XMP (at most 65,502 bytes: no extended XMP)
-  PNG   iCCP, pHYs, eXIf, iTXt XML:com.adobe.xmp
-  TIFF  tag 34675, tags 282/283/296, its IFD0 + EXIF and GPS sub-IFDs (added after libtiff), tag 700
-  WebP  ICCP, EXIF resolution only (the format has no other), EXIF, XMP; lossless, 16,383 px a side
-Not carried anywhere: IPTC-IIM and Photoshop blocks (their IPTC Core twin in XMP is), PNG text chunks,
-JPEG comments, MakerNote offsets (the MakerNote is copied as it is).
+What each format carries (ICC, resolution, EXIF with its sub-IFDs, XMP, IPTC-IIM):
+  JPEG  APP2 ICC, JFIF + EXIF resolution, APP1 EXIF, APP1 XMP (at most 65,502 bytes: no extended XMP),
+        APP13 Photoshop 3.0 with the IIM records alone
+  PNG   iCCP, pHYs, eXIf, iTXt XML:com.adobe.xmp (PNG has no place for IIM: its IPTC Core twin in XMP)
+  TIFF  tag 34675, tags 282/283/296, its IFD0 + EXIF and GPS sub-IFDs (added after libtiff), tag 700,
+        tag 33723 (IPTC-NAA)
+  WebP  ICCP, EXIF resolution only (the format has no other), EXIF, XMP (no IIM, as PNG); lossless,
+        16,383 px a side
+Not carried anywhere: the rest of a Photoshop block (thumbnails and digests of the unrestored scan),
+PNG text chunks, JPEG comments, MakerNote offsets (the MakerNote is copied as it is).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any, BinaryIO
 
 from PIL import Image, TiffImagePlugin
 
-from .metadata import LAYOUT_TAGS, ORIENTATION, ScanMetadata, text_as_stored
+from .metadata import IPTC_NAA, LAYOUT_TAGS, ORIENTATION, PHOTOSHOP_IPTC, ScanMetadata, text_as_stored
 
 EXTENSIONS: dict[str, str] = {"JPEG": ".jpg", "PNG": ".png", "TIFF": ".tif", "WEBP": ".webp"}
 
@@ -66,7 +69,8 @@ def encode(image: Image.Image, out: BinaryIO, fmt: str, *, metadata: ScanMetadat
         if xmp and len(xmp) > JPEG_XMP_MAX:
             raise ValueError(f"the XMP is {len(xmp)} bytes; one JPEG segment holds {JPEG_XMP_MAX}")
         options.update(quality=jpeg_quality, subsampling=0)  # 4:4:4: no halved colour around faces
-        _put(options, dpi=tuple(round(v) for v in dpi) if dpi else None, exif=_bytes(exif), xmp=xmp)
+        _put(options, dpi=tuple(round(v) for v in dpi) if dpi else None, exif=_bytes(exif), xmp=xmp,
+             extra=jpeg_iptc_segment(metadata.iptc) if metadata and metadata.iptc else None)
         image.save(out, "JPEG", **options)
     elif fmt == "PNG":
         from PIL.PngImagePlugin import PngInfo
@@ -82,9 +86,18 @@ def encode(image: Image.Image, out: BinaryIO, fmt: str, *, metadata: ScanMetadat
         _put(options, exif=_bytes(exif)[6:] if exif else None, xmp=xmp)  # WebP's EXIF chunk has no "Exif\0\0"
         image.save(out, "WEBP", lossless=True, **options)
     elif fmt == "TIFF":
-        out.write(_tiff(image, options, dpi, exif, xmp, tiff_compression))
+        out.write(_tiff(image, options, dpi, exif, xmp, metadata.iptc if metadata else None, tiff_compression))
     else:
         raise ValueError(f"unknown output format {fmt!r}")
+
+
+def jpeg_iptc_segment(iim: bytes) -> bytes:
+    """An APP13 segment as Photoshop writes it: "Photoshop 3.0", one 8BIM resource 0x0404 holding
+    the IIM records (an empty, padded name; data padded to an even length)."""
+    resource = (b"8BIM" + PHOTOSHOP_IPTC.to_bytes(2, "big") + b"\x00\x00" + len(iim).to_bytes(4, "big")
+                + iim + b"\x00" * (len(iim) % 2))
+    body = b"Photoshop 3.0\x00" + resource
+    return b"\xff\xed" + (2 + len(body)).to_bytes(2, "big") + body
 
 
 def fit_mode(image: Image.Image, fmt: str) -> Image.Image:
@@ -142,7 +155,7 @@ def _put(options: dict[str, Any], **values: Any) -> None:
 
 
 def _tiff(image: Image.Image, options: dict[str, Any], dpi: tuple[float, float] | None,
-          exif: Image.Exif | None, xmp: bytes | None, compression: str) -> bytes:
+          exif: Image.Exif | None, xmp: bytes | None, iptc: bytes | None, compression: str) -> bytes:
     """The TIFF, built in memory. libtiff (which Pillow uses for every compressed TIFF) writes the
     pixels, ICC profile and resolution, but cannot write the EXIF and GPS sub-IFDs (Pillow raises),
     so the EXIF and XMP tags are added afterwards by Pillow's own TIFF tag writer (`_with_tags`)."""
@@ -153,6 +166,8 @@ def _tiff(image: Image.Image, options: dict[str, Any], dpi: tuple[float, float] 
             tags[tag] = value
     if xmp:
         tags[XMP_TAG] = xmp
+    if iptc:
+        tags[IPTC_NAA] = iptc
     _put(options, dpi=dpi, compression=None if compression in ("", "none", "raw") else compression)
     buffer = io.BytesIO()
     image.save(buffer, "TIFF", **options)

@@ -33,8 +33,15 @@ LAYOUT_TAGS = frozenset({
 })
 """IFD0 tags that describe the layout of the file they came from (size, strips, tiles, compression,
 sample format, colour map, JPEG thumbnail offsets, YCbCr coding), or that `encode` carries by
-other means (0x02BC XMP, 0x8773 ICC), or that are Photoshop/IPTC blocks this module does not carry
-(0x83BB IPTC-NAA, 0x8649 Photoshop). Copied into a new file they would be false."""
+other means (0x02BC XMP, 0x8773 ICC, 0x83BB IPTC-NAA), or a Photoshop block (0x8649, which holds
+thumbnails and layer data of the unrestored scan). Copied into a new file they would be false."""
+
+IPTC_NAA = 0x83BB
+"""TIFF tag of the IPTC-IIM records; in a JPEG they sit in Photoshop's APP13, resource 0x0404."""
+PHOTOSHOP_IPTC = 0x0404
+PHOTOSHOP_TAG = 0x8649
+IPTC_MAX = 65533 - 14 - 12
+"""What one JPEG APP13 segment holds of IIM records after the "Photoshop 3.0" and 8BIM headers."""
 
 
 def choose_format(setting: str, scan_format: str | None) -> str:
@@ -69,6 +76,9 @@ class ScanMetadata:
     dpi: tuple[float, float] | None
     """Pixels per inch along the stored x and y axes."""
     xmp: bytes | None
+    iptc: bytes | None = None
+    """The IPTC-IIM records (caption, keywords, credit, rights as news and archive tools read them),
+    as stored: a sequence of 0x1C-tagged datasets, proven well formed."""
 
 
 def read_scan_metadata(path: Path) -> ScanMetadata:
@@ -87,6 +97,7 @@ def read_scan_metadata(path: Path) -> ScanMetadata:
             icc_profile=image.info.get("icc_profile") or None,
             dpi=_dpi(image, exif),
             xmp=_xmp(image),
+            iptc=_iptc(image),
         )
 
 
@@ -181,6 +192,59 @@ def _xmp(image: Image.Image) -> bytes | None:
     if isinstance(xmp, str):
         xmp = xmp.encode("utf-8")
     return xmp if isinstance(xmp, bytes) and xmp.strip(b"\x00 \t\r\n") else None
+
+
+def _iptc(image: Image.Image) -> bytes | None:
+    """The IIM records from a JPEG's Photoshop APP13 or a TIFF's IPTC-NAA tag (or its Photoshop
+    block); None when there are none, they do not parse, or they would not fit one JPEG segment.
+    Only the IIM records are taken: the rest of a Photoshop block (thumbnails, the IPTC digest,
+    layer data) describes the unrestored scan."""
+    data: Any = None
+    if image.format in ("JPEG", "MPO"):
+        data = (image.info.get("photoshop") or {}).get(PHOTOSHOP_IPTC)
+    elif image.format == "TIFF":
+        tags = getattr(image, "tag_v2", None)
+        # the raw bytes: Photoshop types the tag LONG, which Pillow would turn into numbers
+        data = getattr(tags, "_tagdata", {}).get(IPTC_NAA) or (tags.get(IPTC_NAA) if tags is not None else None)
+        if data is None and tags is not None and PHOTOSHOP_TAG in tags:
+            data = _photoshop_resources(bytes(tags[PHOTOSHOP_TAG])).get(PHOTOSHOP_IPTC)
+    if not isinstance(data, bytes) or not data:
+        return None
+    data = data.rstrip(b"\x00")  # Photoshop pads the records to a multiple of four bytes
+    return data if len(data) <= IPTC_MAX and iim_is_well_formed(data) else None
+
+
+def iim_is_well_formed(data: bytes) -> bool:
+    """Whether `data` is a sequence of IIM datasets: 0x1C, record, dataset, a length, that many bytes."""
+    at = 0
+    while at < len(data):
+        if at + 5 > len(data) or data[at] != 0x1C:
+            return False
+        length = int.from_bytes(data[at + 3:at + 5], "big")
+        at += 5
+        if length & 0x8000:  # an extended dataset: the next (length & 0x7FFF) bytes hold its length
+            width = length & 0x7FFF
+            if not 1 <= width <= 4 or at + width > len(data):
+                return False
+            length = int.from_bytes(data[at:at + width], "big")
+            at += width
+        at += length
+    return at == len(data)
+
+
+def _photoshop_resources(block: bytes) -> dict[int, bytes]:
+    """Photoshop image resources ("8BIM", id, padded Pascal name, length, padded data) by id."""
+    resources, at = {}, 0
+    while at + 12 <= len(block) and block[at:at + 4] == b"8BIM":
+        resource = int.from_bytes(block[at + 4:at + 6], "big")
+        name_length = block[at + 6]
+        at += 6 + name_length + 1 + ((name_length + 1) % 2)
+        if at + 4 > len(block):
+            break
+        length = int.from_bytes(block[at:at + 4], "big")
+        resources[resource] = block[at + 4:at + 4 + length]
+        at += 4 + length + length % 2
+    return resources
 
 
 RDF = "{http://www.w3.org/1999/02/22-rdf-syntax-ns#}RDF"
