@@ -20,7 +20,7 @@ import queue
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path, PurePosixPath
 
 import structlog
@@ -35,8 +35,29 @@ log = structlog.get_logger("daemon.watcher")
 
 TEMPORARY_SUFFIXES = (".part", ".tmp", ".crdownload")
 
-HEALTH_CHECK_SECONDS = 1.0
-"""How often `check_health` really looks (a stat and a few thread flags); calls in between return at once."""
+HEALTH_CHECK_SECONDS = 2.0
+"""How often `check_health` really looks (a stat and a few thread flags); calls in between return at once.
+The main loop wakes for it, so it is also the idle daemon's pulse: every two seconds, not more."""
+
+ActiveJobs = Callable[[Collection[str]], "dict[str, tuple[int, int]]"]
+"""Asks the journal which of these paths have an unfinished job: rel_path -> (size, mtime_ns) the
+job was taken with. Paths without one are left out. An index lookup per path, never a full read."""
+
+
+LOOKUP_CHUNK = 500
+"""Paths asked about in one journal lookup."""
+
+
+def no_jobs(paths: Collection[str]) -> dict[str, tuple[int, int]]:
+    return {}
+
+
+def _lookup(active_jobs: ActiveJobs, paths: list[str]) -> dict[str, tuple[int, int]]:
+    """`active_jobs` over `paths`, LOOKUP_CHUNK at a time; nothing asked for no paths."""
+    found: dict[str, tuple[int, int]] = {}
+    for start in range(0, len(paths), LOOKUP_CHUNK):
+        found.update(active_jobs(paths[start:start + LOOKUP_CHUNK]))
+    return found
 
 
 def is_ignored(rel_path: str, patterns: Iterable[str] = ()) -> bool:
@@ -53,7 +74,7 @@ def is_ignored(rel_path: str, patterns: Iterable[str] = ()) -> bool:
 def probe_inbox(inbox: Path) -> tuple[tuple[int, int] | None, str | None]:
     """The inbox folder's identity (device, inode), or why it cannot be watched now.
 
-    One stat and one access check: cheap enough to run every second.
+    One stat and one access check: cheap enough to run every two seconds.
     """
     try:
         st = os.stat(inbox)
@@ -104,6 +125,8 @@ class InboxWatcher:
         self._next_rescan = 0.0
         self._lock = threading.Lock()
         self._warned: set[str] = set()
+        self._held: dict[str, Sighting] = {}
+        """Files that changed while their job was unfinished: offered again once it has ended."""
 
     @property
     def available(self) -> bool:
@@ -210,7 +233,7 @@ class InboxWatcher:
     def _lose_inbox(self, reason: str) -> None:
         """The inbox is gone: say so once, stop the observer, keep every tracked file and job."""
         log.error("watch.inbox_unavailable", inbox=str(self.inbox), reason=reason, tracked_files=len(self._tracker),
-                  detail="no file is taken and no job dropped until it is back; checked every second")
+                  detail="no file is taken and no job dropped until it is back; checked every two seconds")
         self._unavailable_reason = reason
         self.stop()
 
@@ -231,54 +254,98 @@ class InboxWatcher:
             return
 
     def _observer_failed(self, kind: str, exc: Exception) -> None:
-        """Log why an observer could not start, once per distinct error (it is retried every second)."""
+        """Log why an observer could not start, once per distinct error (it is retried every two seconds)."""
         if kind == "events":
             self._events_failed = True
         error = f"{exc.strerror or exc}" if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
         if error != self._last_start_error:
             self._last_start_error = error
             log.error("watch.observer_failed", inbox=str(self.inbox), observer=kind, error=error,
-                      fallback="polling" if kind == "events" else "rescans only; retried every second",
+                      fallback="polling" if kind == "events" else "rescans only; retried every two seconds",
                       fix=START_FAILURE_FIXES.get(getattr(exc, "errno", None)))
 
     # ------------------------------------------------------------------ the main loop's step
 
-    def take_settled(self, busy_paths: set[str]) -> list[Sighting]:
-        """Drain events, rescan when due, stat what changed, and hand back the settled files.
+    def take_settled(self, active_jobs: ActiveJobs = no_jobs, limit: int | None = None) -> list[Sighting]:
+        """Drain events, rescan when due, look at what changed or is due, and hand back settled files.
 
-        `busy_paths` are files that already have an unfinished job. They stay tracked but are not
-        handed back until their job has ended, so a file changed after it was taken (and left in the
-        inbox) comes back as new work. While the inbox is unavailable nothing is looked at (and
-        nothing forgotten); the rescan when it is back catches up.
+        The journal is the memory: a file is followed only until it settles, and a file that already
+        has an unfinished job (`active_jobs`) is dropped, not tracked. So a pass costs what changed
+        (events, files found new by a rescan, settle times that came), never what is in the inbox.
+        A file changed after it was taken, while its job is unfinished, is held and offered again
+        once that job has ended. At most `limit` files are handed back per pass; the rest wait
+        settled for the next pass (the caller's sleep sees `next_deadline` is now). While the inbox
+        is unavailable nothing is looked at (and nothing forgotten); the rescan when it is back
+        catches up.
         """
         if not self.available:
             return []
         now = self._clock()
-        found: set[str] = set()
         with self._lock:
             first_scan = False
+            found: set[str] = set()
             if now >= self._next_rescan:
                 self._next_rescan = now + self.rescan_seconds
                 found, first_scan, self._new_watch = self._scan(self.inbox), self._new_watch, False
             reported, found_below = self._drain_events(now)
             found |= found_below
-            unseen = found - set(self._tracker.paths())  # found by a scan, no event ever said a write is open
-            for rel_path in found | reported | set(self._tracker.paths()):
-                st = self._stat_into_tracker(rel_path, now)
-                if st is not None and rel_path in unseen:
-                    self._ask_if_open(rel_path, st, now, first_scan and rel_path not in reported)
-            ready = [s for s in self._tracker.settled(now) if s.rel_path not in busy_paths]
-            for sighting in ready:
+            # Found by a scan and followed by nothing yet; those with a job are the journal's to know.
+            unseen = [p for p in found if p not in self._tracker and p not in self._held]
+            with_job = _lookup(active_jobs, unseen)
+            looked: set[str] = set()
+            for rel_path in unseen:
+                if rel_path not in with_job or rel_path in reported:
+                    self._look_at_unseen(rel_path, now, first_scan and rel_path not in reported)
+                    looked.add(rel_path)
+            for rel_path in reported - looked:
+                if rel_path in self._tracker:
+                    self._stat_into_tracker(rel_path, now)
+                else:  # new to the watcher: e.g. renamed in, complete already
+                    self._look_at_unseen(rel_path, now, first_scan=False)
+                looked.add(rel_path)
+            for rel_path in self._tracker.due(now):
+                if rel_path not in looked:  # its settle time came: one more look
+                    self._stat_into_tracker(rel_path, now)
+            self._release_held(active_jobs, now)
+            return self._hand_back(active_jobs, now, limit)
+
+    def _hand_back(self, active_jobs: ActiveJobs, now: float, limit: int | None) -> list[Sighting]:
+        """The settled files without an unfinished job, at most `limit`; settled files that have one
+        are dropped (the journal has them) or held (changed since their job took them)."""
+        handed: list[Sighting] = []
+        settled = self._tracker.settled(now)
+        for start in range(0, len(settled), LOOKUP_CHUNK):
+            chunk = settled[start:start + LOOKUP_CHUNK]
+            with_job = _lookup(active_jobs, [s.rel_path for s in chunk])
+            for sighting in chunk:
+                taken_as = with_job.get(sighting.rel_path)
+                if taken_as is None:
+                    if limit is not None and len(handed) >= limit:
+                        return handed
+                    handed.append(sighting)
+                elif taken_as != (sighting.size, sighting.mtime_ns):
+                    self._held[sighting.rel_path] = sighting
                 self._tracker.forget(sighting.rel_path)
-        return ready
+        return handed
+
+    def _release_held(self, active_jobs: ActiveJobs, now: float) -> None:
+        """Held files whose job has ended are looked at afresh (they settle again before they are taken)."""
+        if not self._held:
+            return
+        still = _lookup(active_jobs, list(self._held))
+        for rel_path in [p for p in self._held if p not in still]:
+            del self._held[rel_path]
+            self._stat_into_tracker(rel_path, now)
 
     def next_deadline(self) -> float:
-        """When `take_settled` (or, while the inbox is away, `check_health`) next has something to do."""
+        """When `take_settled` (or, while the inbox is away, `check_health`) next has something to do:
+        now, if settled files are still waiting to be handed back."""
         if not self.available:
             return self._next_health_check
         now = self._clock()
         settle = self._tracker.next_deadline(now)
-        return min(self._next_rescan, settle) if settle is not None else self._next_rescan
+        soonest = min(self._next_rescan, self._next_health_check)
+        return min(soonest, settle) if settle is not None else soonest
 
     def request_rescan(self) -> None:
         self._next_rescan = 0.0
@@ -310,6 +377,7 @@ class InboxWatcher:
                 continue
             if kind == "gone":
                 self._tracker.forget(rel_path)
+                self._held.pop(rel_path, None)
                 continue
             reported.add(rel_path)
             if kind == "write":
@@ -329,8 +397,8 @@ class InboxWatcher:
                     found.add(rel_path)
         return found
 
-    def _stat_into_tracker(self, rel_path: str, now: float) -> os.stat_result | None:
-        """Record the file's lstat in the tracker and return it; None when it is not (or no longer) tracked."""
+    def _lstat(self, rel_path: str) -> os.stat_result | None:
+        """The file's lstat if it is a file (or a symbolic link); None, and forgotten, otherwise."""
         try:
             st = os.stat(self.inbox / rel_path, follow_symlinks=False)
         except FileNotFoundError:
@@ -338,33 +406,60 @@ class InboxWatcher:
             return None
         except OSError as exc:
             self._warn_once(rel_path, "file.unreadable", error=exc.strerror)
+            self._tracker.forget(rel_path)  # looked at again by the next rescan, or its next event
             return None
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
             self._tracker.forget(rel_path)
             return None
         # A symbolic link settles on its own lstat and is handed up like a file: preflight refuses
         # it, so it ends explained in failed/ instead of sitting in the inbox. It is never followed.
-        self._tracker.observe(rel_path, st.st_size, st.st_mtime_ns, now)
         return st
 
-    def _ask_if_open(self, rel_path: str, st: os.stat_result, now: float, first_scan: bool) -> None:
+    def _stat_into_tracker(self, rel_path: str, now: float) -> os.stat_result | None:
+        """Record the file's lstat in the tracker and return it; None when it is not (or no longer) tracked."""
+        st = self._lstat(rel_path)
+        if st is not None:
+            self._tracker.observe(rel_path, st.st_size, st.st_mtime_ns, now)
+        return st
+
+    def _look_at_unseen(self, rel_path: str, now: float, first_scan: bool) -> None:
+        """A file a scan found, that nothing follows yet: track it, and ask whether a write is open.
+
+        When the kernel says no write is open, the file's quiet time so far (its mtime's age) counts
+        toward the settle time: a backlog present at start need not wait it out once more. A share's
+        mtime comes from another machine's clock, and there the kernel is not asked: not counted.
+        """
+        st = self._lstat(rel_path)
+        if st is None:
+            return
+        is_open = self._kernel_says_open(rel_path, st)
+        quiet = max(0.0, time.time() - st.st_mtime_ns / 1e9)
+        self._tracker.observe(rel_path, st.st_size, st.st_mtime_ns, now, quiet_for=quiet if is_open is False else 0.0)
+        if self._observer_kind == "events" and stat.S_ISREG(st.st_mode):
+            self._ask_if_open(rel_path, is_open, quiet, now, first_scan)
+
+    def _kernel_says_open(self, rel_path: str, st: os.stat_result) -> bool | None:
+        """`open_for_writing` where it can answer (a regular file on a local file system, watched by
+        inotify); None elsewhere."""
+        if self._observer_kind != "events" or not stat.S_ISREG(st.st_mode):
+            return None
+        if self._fstype is not None and needs_polling(self._fstype):
+            return None
+        return open_for_writing(self.inbox / rel_path)
+
+    def _ask_if_open(self, rel_path: str, is_open: bool | None, quiet: float, now: float, first_scan: bool) -> None:
         """A file a scan found, with no event about it: is a write open that began before the watch?
 
         Only where inotify reports closes (with polling the settle time is all there is). The kernel
-        is asked on local file systems; where it cannot say, the first scan of a new watch holds a file
-        written less than `open_write_limit` ago as still open, until its close is seen or that much
-        silence has passed: a delay, never a half-written file.
+        is asked on local file systems (`is_open`); where it cannot say, the first scan of a new watch
+        holds a file written less than `open_write_limit` ago as still open, until its close is seen
+        or that much silence has passed: a delay, never a half-written file.
         """
-        if self._observer_kind != "events" or not stat.S_ISREG(st.st_mode):
-            return
-        local = self._fstype is None or not needs_polling(self._fstype)
-        is_open = open_for_writing(self.inbox / rel_path) if local else None
         if is_open:
             self._tracker.write_opened(rel_path, now)
             log.info("file.still_open", rel_path=rel_path, detail="open for writing, though no event showed a "
                      "write (opened before the watch began); taken once it is closed")
             return
-        quiet = max(0.0, time.time() - st.st_mtime_ns / 1e9)
         if is_open is None and first_scan and quiet < self._tracker.open_write_limit:
             self._tracker.open_before_watch(rel_path, now - quiet)
             log.info("file.maybe_open", rel_path=rel_path, written_seconds_ago=round(quiet, 3),

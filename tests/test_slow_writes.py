@@ -169,7 +169,7 @@ def watcher(tmp_path) -> Iterator[tuple[InboxWatcher, Path, ManualClock]]:
 
 def taken(watcher: InboxWatcher, clock: ManualClock, at: float) -> list[tuple[str, int]]:
     clock.now = at
-    return [(s.rel_path, s.size) for s in watcher.take_settled(set())]
+    return [(s.rel_path, s.size) for s in watcher.take_settled()]
 
 
 def taken_once_closed(watcher: InboxWatcher, clock: ManualClock, after: float) -> list[tuple[str, int]]:

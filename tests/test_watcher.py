@@ -14,7 +14,7 @@ from watchdog.observers.polling import PollingObserverVFS
 from daemon.mounts import Mount, filesystem_type, mount_gone, mount_of
 from daemon.observers import choose_observer, polling_interval
 from daemon.settle import SettleTracker
-from daemon.watcher import InboxWatcher, is_ignored
+from daemon.watcher import HEALTH_CHECK_SECONDS, InboxWatcher, is_ignored
 
 from .conftest import ManualClock
 
@@ -65,8 +65,40 @@ def test_next_deadline_is_the_earliest_settle_time():
     tracker.observe("a.jpg", 1, 1, now=1.0)
     tracker.observe("b.jpg", 1, 1, now=0.5)
     assert tracker.next_deadline(1.0) == 2.5
+    assert tracker.next_deadline(2.7) == 2.7  # b has settled and is not taken yet: there is work now
+    tracker.forget("b.jpg")
     assert tracker.next_deadline(2.7) == 3.0
-    assert tracker.next_deadline(3.0) is None  # both settled: nothing left to wake up for
+    tracker.forget("a.jpg")
+    assert tracker.next_deadline(3.0) is None  # nothing left to wake up for
+
+
+def test_a_change_moves_the_deadline_and_stale_deadlines_are_skipped():
+    tracker = SettleTracker(settle_seconds=2.0, open_write_limit=60)
+    tracker.observe("a.jpg", 1, 1, now=0.0)
+    tracker.observe("a.jpg", 2, 2, now=1.5)  # changed: settles at 3.5, the 2.0 deadline is stale
+    assert tracker.due(2.0) == [] and tracker.settled(2.0) == []
+    assert tracker.next_deadline(2.0) == 3.5
+    assert tracker.due(3.5) == ["a.jpg"]
+    tracker.observe("a.jpg", 2, 2, now=3.5)  # looked at once more: unchanged
+    assert [(s.rel_path, s.size) for s in tracker.settled(3.5)] == [("a.jpg", 2)]
+
+
+def test_a_file_quiet_since_before_it_was_seen_settles_sooner_but_never_before_a_look():
+    tracker = SettleTracker(settle_seconds=2.0, open_write_limit=60)
+    tracker.observe("old.jpg", 1, 1, now=10.0, quiet_for=3600)  # written an hour ago, no write open
+    tracker.observe("new.jpg", 1, 1, now=10.0, quiet_for=0.5)
+    assert [s.rel_path for s in tracker.settled(10.0)] == ["old.jpg"]
+    assert tracker.next_deadline(10.0) == 10.0
+    tracker.forget("old.jpg")
+    assert tracker.next_deadline(10.0) == 11.5  # half a second of quiet counts toward its two
+
+
+def test_only_the_files_whose_time_has_come_are_due():
+    tracker = SettleTracker(settle_seconds=2.0, open_write_limit=60)
+    for i in range(10_000):
+        tracker.observe(f"{i}.jpg", 1, 1, now=float(i % 100))
+    assert tracker.due(1.5) == []
+    assert sorted(tracker.due(2.0), key=lambda p: int(p[:-4])) == [f"{i}.jpg" for i in range(0, 10_000, 100)]
 
 
 # --------------------------------------------------------------------------- which observer, on which file system
@@ -162,7 +194,7 @@ def watched(tmp_path):
 
 def taken(watcher, clock, at: float) -> list[str]:
     clock.now = at
-    return [s.rel_path for s in watcher.take_settled(set())]
+    return [s.rel_path for s in watcher.take_settled()]
 
 
 def test_auto_polls_an_inbox_on_a_network_share_and_a_polled_change_is_not_an_open_write(watched, tmp_path):
@@ -225,10 +257,10 @@ def test_a_vanished_inbox_pauses_the_watcher_and_its_return_resumes_it(watched, 
     inbox.rename(away)
 
     with capture_logs() as logs:
-        for second in (1.0, 2.0, 3.0):
-            clock.now = second
+        for beat in (1, 2, 3):
+            clock.now = beat * HEALTH_CHECK_SECONDS
             watcher.check_health()
-        assert taken(watcher, clock, 3.0) == []  # nothing taken while it is away
+        assert taken(watcher, clock, clock.now) == []  # nothing taken while it is away
         assert watcher.next_deadline() > clock.now  # and nothing to spin on
     assert not watcher.available and "No such file" in watcher.unavailable_reason
     assert watcher.observer is None
@@ -236,13 +268,14 @@ def test_a_vanished_inbox_pauses_the_watcher_and_its_return_resumes_it(watched, 
     (away / "b.jpg").write_bytes(b"dropped while the inbox was away")
 
     away.rename(inbox)
+    back_at = 4 * HEALTH_CHECK_SECONDS
     with capture_logs() as logs:
-        clock.now = 4.0
+        clock.now = back_at
         watcher.check_health()
     assert watcher.available and watcher.unavailable_reason is None and watcher.observer_kind == "events"
     assert [e["event"] for e in logs] == ["watch.inbox_back", "watch.started"]
-    assert taken(watcher, clock, 4.0) == ["a.jpg"]  # tracked all along
-    assert taken(watcher, clock, 4.5) == ["b.jpg"]  # found by the rescan on its return
+    assert taken(watcher, clock, back_at) == ["a.jpg"]  # tracked all along
+    assert taken(watcher, clock, back_at + 0.5) == ["b.jpg"]  # found by the rescan on its return
 
 
 def test_a_replaced_inbox_folder_is_watched_afresh(watched, tmp_path):
@@ -276,7 +309,7 @@ def test_an_observer_that_cannot_start_is_reported_and_retried_as_polling(watche
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     failed = [e for e in logs if e["event"] == "watch.observer_failed"]
     assert [(e["observer"], e["fallback"]) for e in failed] == [
-        ("events", "polling"), ("polling", "rescans only; retried every second")]
+        ("events", "polling"), ("polling", "rescans only; retried every two seconds")]
     assert "limit" in failed[0]["fix"] and watcher.observer is None and watcher.available
     (inbox / "scan.jpg").write_bytes(b"found by the rescan even without an observer")
     assert taken(watcher, clock, 0.0) == []
