@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -19,7 +20,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 class JobState(str, enum.Enum):
@@ -146,6 +147,7 @@ CREATE INDEX IF NOT EXISTS jobs_by_content ON jobs(sha256);
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_one_active_per_path
     ON jobs(rel_path) WHERE state NOT IN ('done', 'failed', 'vanished');
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state);
+CREATE INDEX IF NOT EXISTS jobs_by_state_due ON jobs(state, not_before);
 CREATE TABLE IF NOT EXISTS job_events (
     id INTEGER PRIMARY KEY,
     job_id INTEGER NOT NULL REFERENCES jobs(id),
@@ -165,12 +167,24 @@ MIGRATIONS: dict[int, str] = {
     """,
     3: "CREATE TABLE IF NOT EXISTS retry_requests (job_id INTEGER PRIMARY KEY, requested_at REAL NOT NULL);",
     4: "ALTER TABLE jobs ADD COLUMN output_sha256 TEXT;",
+    5: "CREATE INDEX IF NOT EXISTS jobs_by_state_due ON jobs(state, not_before);",
 }
 """SQL that takes an existing journal from version N-1 to N; a new journal gets `_SCHEMA` directly."""
 
 AHEAD_STATES = ("submitting", "submitted", "downloading", "delivering")
 """A job in one of these has been (or is being) paid for: an identical job waits for it."""
 NOT_LAUNCHED_STATES = ("pending", "publishing")
+
+
+def heartbeat_file(state_dir: Path, environ: Mapping[str, str] = os.environ) -> Path:
+    """Where the running daemon shows it is alive: a file whose mtime is its last pass.
+
+    In systemd's RuntimeDirectory (a tmpfs: no disk is written at all) when the unit has one, else in
+    the state folder. It is touched, never synced: a heartbeat is worthless after a power cut, and a
+    synced write every two seconds would wear an SD card down while the daemon does nothing.
+    """
+    runtime = environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    return Path(runtime) / "heartbeat" if runtime else Path(state_dir) / "heartbeat"
 
 
 def _row_to_job(row: sqlite3.Row) -> Job:
@@ -276,6 +290,34 @@ class Journal:
                 cur.execute("INSERT INTO meta(key, value) VALUES (?, ?) "
                             "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
 
+    def start_heartbeat(self, path: Path) -> None:
+        """Beat into `path` from now on; its place is recorded once, for `status` to find."""
+        self._heartbeat = Path(path)
+        self.beat()
+        if self.get_meta("heartbeat_file") != str(self._heartbeat):
+            self.set_meta("heartbeat_file", str(self._heartbeat))
+
+    def beat(self) -> None:
+        """The daemon is alive now: touch the heartbeat file (created if it went), no fsync, no commit."""
+        path = getattr(self, "_heartbeat", None)
+        if path is None:
+            return
+        try:
+            os.utime(path)
+        except FileNotFoundError:
+            path.touch()
+
+    def heartbeat_age(self, now: float) -> float | None:
+        """Seconds since the running daemon's last beat (wall clock); None if it never beat."""
+        recorded = self.get_meta("heartbeat_file")
+        if recorded:
+            try:
+                return now - os.stat(recorded).st_mtime
+            except OSError:
+                return None
+        legacy = self.get_meta("heartbeat")  # written by earlier versions into the journal itself
+        return now - float(legacy) if legacy else None
+
     def add_to_counter(self, key: str, amount: int = 1) -> None:
         with self.transaction() as cur:
             cur.execute("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE "
@@ -305,6 +347,28 @@ class Journal:
                         (job_id, now, JobState.PENDING.value, "detected"))
             row = cur.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _row_to_job(row)
+
+    def add_jobs(self, files: list[tuple[str, int, int]], params: dict[str, Any]) -> list[Job]:
+        """Record new files (rel_path, size, mtime_ns) as PENDING in one transaction: one commit for a
+        burst, not one per file. A path that already has an unfinished job is skipped."""
+        now = self._clock()
+        encoded = json.dumps(params, sort_keys=True)
+        ids: list[int] = []
+        with self.transaction() as cur:
+            for rel_path, size, mtime_ns in files:
+                try:
+                    cur.execute(
+                        "INSERT INTO jobs(rel_path, state, size, mtime_ns, params, created_at, updated_at) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (rel_path, JobState.PENDING.value, size, mtime_ns, encoded, now, now))
+                except sqlite3.IntegrityError:
+                    continue
+                ids.append(cur.lastrowid)
+            cur.executemany("INSERT INTO job_events(job_id, at, from_state, to_state, detail) "
+                            "VALUES (?, ?, NULL, ?, 'detected')", [(i, now, JobState.PENDING.value) for i in ids])
+            rows = cur.execute(f"SELECT * FROM jobs WHERE id IN ({', '.join('?' for _ in ids)}) ORDER BY id",
+                               ids).fetchall() if ids else []
+        return [_row_to_job(r) for r in rows]
 
     def transition(self, job: Job, to_state: JobState, detail: str | None = None, **changes: Any) -> Job:
         """Move `job` from the state it was read in to `to_state`, with column changes, atomically.
@@ -421,7 +485,10 @@ class Journal:
         off (or already running) hide the newer ones that are ready.
         """
         marks = ", ".join("?" for _ in states)
-        sql = f"SELECT * FROM jobs WHERE state IN ({marks})"
+        # One state: walk its index in id order and stop at the limit. Left to itself SQLite may
+        # prefer the (state, not_before) index and sort every matching row first: a backlog's worth.
+        by_state = " INDEXED BY jobs_by_state" if len(states) == 1 else ""
+        sql = f"SELECT * FROM jobs{by_state} WHERE state IN ({marks})"
         args: list[Any] = [s.value for s in states]
         if due_by is not None:
             sql += " AND not_before <= ?"
@@ -436,6 +503,26 @@ class Journal:
             rows = self._db.execute(sql, args).fetchall()
         return [_row_to_job(r) for r in rows]
 
+    def next_due(self, states: Collection[JobState], after: float) -> float | None:
+        """The earliest backoff among jobs in `states` that ends after `after`, for the loop's sleep:
+        a seek in the (state, not_before) index per state, whatever the backlog."""
+        marks = ", ".join("?" for _ in states)
+        with self._lock:
+            row = self._db.execute(f"SELECT min(not_before) FROM jobs WHERE state IN ({marks}) AND not_before > ?",
+                                   (*(s.value for s in states), after)).fetchone()
+        return float(row[0]) if row[0] is not None else None
+
+    def next_pending(self, *, limit: int, due_by: float, exclude: Collection[int] = ()) -> list[tuple[int, bool]]:
+        """(id, already checked) of the oldest PENDING jobs due by `due_by`, without reading their rows."""
+        sql = "SELECT id, sha256 IS NOT NULL FROM jobs INDEXED BY jobs_by_state WHERE state = 'pending' AND not_before <= ?"
+        args: list[Any] = [due_by]
+        if exclude:
+            sql += f" AND id NOT IN ({', '.join('?' for _ in exclude)})"
+            args.extend(exclude)
+        with self._lock:
+            rows = self._db.execute(sql + f" ORDER BY id LIMIT {int(limit)}", args).fetchall()
+        return [(int(r[0]), bool(r[1])) for r in rows]
+
     def count_in(self, *states: JobState) -> int:
         marks = ", ".join("?" for _ in states)
         with self._lock:
@@ -443,12 +530,24 @@ class Journal:
                                    [s.value for s in states]).fetchone()
         return int(row[0])
 
-    def active_paths(self) -> set[str]:
-        """Relative paths of every unfinished job: the watcher must not take these again."""
+    def active_jobs_for(self, paths: Collection[str]) -> dict[str, tuple[int, int]]:
+        """Which of `paths` have an unfinished job: rel_path -> (size, mtime_ns) it was taken with.
+
+        One lookup per path in the partial index of unfinished jobs (the same condition as the
+        index's, so SQLite uses it), never a read of every job.
+        """
+        if not paths:
+            return {}
+        marks = ", ".join("?" for _ in paths)
         with self._lock:
             rows = self._db.execute(
-                "SELECT rel_path FROM jobs WHERE state NOT IN ('done', 'failed', 'vanished')").fetchall()
-        return {r[0] for r in rows}
+                f"SELECT rel_path, size, mtime_ns FROM jobs INDEXED BY jobs_one_active_per_path "
+                f"WHERE rel_path IN ({marks}) AND state NOT IN ('done', 'failed', 'vanished')",
+                list(paths)).fetchall()
+        return {r[0]: (int(r[1]), int(r[2])) for r in rows}
+
+    def has_active_job(self, rel_path: str) -> bool:
+        return bool(self.active_jobs_for([rel_path]))
 
     def counts_by_state(self) -> dict[str, int]:
         with self._lock:
@@ -484,7 +583,7 @@ class Journal:
         } for j in self.recent(JobState.FAILED, recent_failures)]
         with self._lock:
             spent = self._db.execute("SELECT count(*) FROM job_events WHERE to_state = 'submitted'").fetchone()[0]
-        heartbeat = self.get_meta("heartbeat")
+        heartbeat = self.heartbeat_age(now)
         return {
             "counts": {state.value: 0 for state in JobState} | self.counts_by_state(),
             "in_flight": in_flight,
@@ -495,6 +594,6 @@ class Journal:
             "duplicates_skipped": self.counter("duplicates_skipped"),
             "unchanged_delivered": self.counter("unchanged_delivered"),
             "submissions_spent": int(spent),
-            "heartbeat_age_seconds": round(now - float(heartbeat), 1) if heartbeat else None,
+            "heartbeat_age_seconds": round(heartbeat, 1) if heartbeat is not None else None,
             "pid": int(self.get_meta("pid") or 0) or None,
         }

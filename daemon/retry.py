@@ -107,10 +107,9 @@ def requeue(journal: Journal, inbox: Path, job: Job) -> Job:
 
 def _free_inbox_name(journal: Journal, inbox: Path, rel_path: str) -> Path:
     """The file's old place in the inbox, or a numbered name if a new scan (or job) took it."""
-    busy = journal.active_paths()
     wanted = inbox / rel_path
     n = 0
-    while os.path.lexists(numbered(wanted, n)) or numbered(wanted, n).relative_to(inbox).as_posix() in busy:
+    while os.path.lexists(numbered(wanted, n)) or journal.has_active_job(numbered(wanted, n).relative_to(inbox).as_posix()):
         n += 1
     return numbered(wanted, n)
 

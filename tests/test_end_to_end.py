@@ -123,7 +123,7 @@ def test_half_written_file_is_not_published_before_it_is_complete(tmp_path, fold
         daemon.wait_for_passes()  # every event of the writes so far drained
         daemon.wait_for_passes(config.watch.settle_seconds)
         assert "scanning.jpg" in watcher._tracker, "taken while still open for writing"
-        assert daemon.service.journal.active_paths() == set()
+        assert daemon.service.journal.active_jobs_for(["scanning.jpg"]) == {}
         assert emulator.stats()["submits_received"] == 0
         f.write(data[len(data) // 2:])
     wait_for(lambda: (folders["outbox"] / "scanning.png").exists(), 20, what="output")

@@ -128,13 +128,17 @@ def test_a_version_1_journal_is_migrated_in_place_keeping_its_jobs(tmp_path):
     db.executescript(V1_SCHEMA)
     db.close()
     journal = Journal(path)
-    assert journal.get_meta("schema_version") == str(SCHEMA_VERSION) == "4"
+    assert journal.get_meta("schema_version") == str(SCHEMA_VERSION) == "5"
     [job] = journal.jobs_in(JobState.SUBMITTED)
     assert job.request_id == "req-from-v1" and job.duplicate_of is None
     journal.update(job, duplicate_of=None, sha256="abc")  # v2: the new column and index are usable
     journal.request_retry([job.id])  # v3: the retry requests table
     assert journal.retry_requests() == [job.id]
     assert journal.update(job, output_sha256="def").output_sha256 == "def"  # v4: the output's hash
+    assert journal.next_due([JobState.SUBMITTED], after=0.0) is None  # v5: the backoff index
+    plan = journal._db.execute("EXPLAIN QUERY PLAN SELECT min(not_before) FROM jobs WHERE state = ? "
+                               "AND not_before > ?", ("pending", 0.0)).fetchall()
+    assert "jobs_by_state_due" in str([tuple(r) for r in plan])
     journal.close()
 
 
