@@ -26,6 +26,7 @@ def _error(message: str, code: int) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .scheduler import wake_on_signals
     from .service import Service, StartupError
 
     try:
@@ -52,6 +53,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, lambda _signum, _frame: service.request_reload())
+    if service.scheduler is not None:
+        wake_on_signals(service.scheduler.wake)
     clean = service.run()
     if not clean:
         # A stage is still inside a network call past shutdown_timeout; its job is safe in the journal

@@ -79,6 +79,8 @@ class StageOutcome:
     poll: PollAnswer | None = None
     sent_at: float | None = None
     """time.monotonic() when the submit left: the start of the provider's clock for this job."""
+    webhook: bool = False
+    """The submit asked the provider to call back when the job finishes (polls are then a safety net)."""
 
 
 def unpublish(ctx: Context, job: Job) -> None:

@@ -235,6 +235,7 @@ SETTING_CHECKS = {
     "revoked_keys": lambda v: isinstance(v, list) and all(isinstance(k, str) for k in v),
     "hang_seconds": lambda v: is_number(v) and v >= 0,
     "fetch_delay": lambda v: is_number(v) and v >= 0,
+    "drop_webhooks": lambda v: isinstance(v, bool),
 }
 
 
@@ -358,6 +359,8 @@ class GatewayEmulator:
         """How long an injected submit_timeout holds its answer back."""
         self.fetch_delay = 0.0
         """Seconds a job spends PROCESSING before the gateway fetches its input (a busy provider)."""
+        self.drop_webhooks = False
+        """Accept webhook URLs but never call them, as a provider that cannot reach the caller."""
         self._jobs: dict[str, Job] = {}
         self._faults = dict.fromkeys(FAULT_KINDS, 0)
         self._counts = dict.fromkeys(("submits_received", "submits_accepted", "polls",
@@ -433,7 +436,8 @@ class GatewayEmulator:
         return {"latency": self.latency, "max_concurrent": self.max_concurrent,
                 "balance": self.balance, "rate_limit": self.rate_limit,
                 "model_disabled": self.model_disabled, "revoked_keys": sorted(self.revoked_keys),
-                "hang_seconds": self.hang_seconds, "fetch_delay": self.fetch_delay}
+                "hang_seconds": self.hang_seconds, "fetch_delay": self.fetch_delay,
+                "drop_webhooks": self.drop_webhooks}
 
     def inject(self, kind: str, count: int = 1) -> None:
         """Make the next `count` matching events fail the way `kind` names."""
@@ -647,7 +651,7 @@ class GatewayEmulator:
             job.finished_at = job.updated_at = time.time()
             if status is JobStatus.ERROR and job.charged and self.balance is not None:
                 self.balance += 1
-            hook = job.webhook if job.webhook and wants_final_webhook(job.params) else None
+            hook = job.webhook if job.webhook and wants_final_webhook(job.params) and not self.drop_webhooks else None
             document = status_document(job, job.server_url)
             self._deliveries += hook is not None
             self._dispatch_locked()

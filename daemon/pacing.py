@@ -46,6 +46,36 @@ def next_poll_time(now: float, sent_at: float | None, interval: float, expected:
     return grid
 
 
+WEBHOOK_GRACE = 2.0
+"""With a webhook, the safety poll comes this long (at least) after the job's predicted finish."""
+
+WEBHOOK_SAFETY_INTERVAL = 15.0
+"""With a webhook, a job past its safety poll is looked at this often (or at the plain interval,
+if longer): enough to notice a lost call and the job timeout, without a poll stream per job."""
+
+FIRST_SAFETY_POLL = 10.0
+"""With a webhook and nothing learnt yet of the provider's time, the first look after this long."""
+
+
+def next_safety_poll(now: float, sent_at: float | None, interval: float, expected: float | None,
+                     job_timeout: float = float("inf")) -> float:
+    """When to poll a job whose provider will call its webhook when it finishes: only as a safety net.
+
+    The call itself triggers the one poll that matters. Without it, the job is looked at once a
+    little after its predicted finish (`WEBHOOK_GRACE`, or half the expected time if longer), then
+    every WEBHOOK_SAFETY_INTERVAL: a lost call costs a short delay. Never less often than four
+    times per `job_timeout`, so a job the provider sits on or forgot is still seen to time out.
+    """
+    spacing = max(interval, min(WEBHOOK_SAFETY_INTERVAL, job_timeout / 4))
+    if sent_at is None:
+        return now + spacing
+    if expected is None:
+        first = sent_at + max(interval, min(FIRST_SAFETY_POLL, job_timeout / 4))
+    else:
+        first = sent_at + expected + max(WEBHOOK_GRACE, 0.5 * expected)
+    return first if now < first else now + spacing
+
+
 @dataclass
 class PollEvidence:
     """What the provider's answers have said about one job in flight (wall-clock seconds).

@@ -8,7 +8,9 @@ Every job in flight is polled on its own clock; no thread is parked per job. At 
 
 from __future__ import annotations
 
+import os
 import queue
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -19,8 +21,9 @@ import structlog
 
 from . import recovery, retry, stages
 from .api import PollVerdict, SubmitVerdict
-from .journal import FINAL_STATES, IN_FLIGHT_STATES, Job, JobState, StaleTransition
-from .pacing import NO_BALANCE, PollEvidence, SubmitGate, full_jitter, next_poll_time, overdue_reason
+from .journal import FINAL_STATES, IN_FLIGHT_STATES, Job, JobState, StaleTransition, heartbeat_file
+from .pacing import (NO_BALANCE, PollEvidence, SubmitGate, full_jitter, next_poll_time, next_safety_poll,
+                     overdue_reason)
 from .watcher import InboxWatcher
 
 log = structlog.get_logger("daemon.scheduler")
@@ -35,8 +38,51 @@ RECOVERY_STEP_SECONDS = 600.0
 """How long one step of the start-up recovery may take (a republish to a slow bucket, an orphan
 sweep) before the watchdog takes the daemon for hung."""
 
-MAX_SLEEP = 0.5
-"""The loop's longest nap: bounds how late it notices a stop flag set by a signal handler."""
+MAX_SLEEP = 2.0
+"""The loop's longest nap when nothing is due (the watcher's health check, every two seconds, comes
+as often). Signals wake it at once (`wake_on_signals`), and everything else that makes work (a file
+event, a finished stage, a webhook) sets `wake`: this only bounds how stale the loop may look to
+the systemd watchdog."""
+
+NEW_FILES_PER_PASS = 500
+"""Settled files journalled per pass, in one transaction: a backlog of thousands is taken in steps,
+with submits starting between them, instead of one long pass before the first submit."""
+
+FINISHING_PER_PASS = 64
+"""Downloads, deliveries and failures started per pass (each is one pool task)."""
+
+DOWNLOADS_AT_ONCE = max(1, (os.cpu_count() or 2) - 1)
+"""Deliveries (download, decode, guard, encode) running at once: one core is always left for the
+submits, polls and the loop, so a burst of completions never delays refilling the provider's
+slots. Their image work is CPU-bound, so more at once than cores would not finish sooner."""
+
+HEARTBEAT_SECONDS = 2.0
+
+RETRY_CHECK_SECONDS = 1.0
+"""How often the loop looks for `codeformer-daemon retry` requests (written by another process)."""
+
+BACKING_OFF_STATES = (JobState.PENDING, JobState.DOWNLOADING, JobState.DELIVERING, JobState.FAILING)
+"""States whose jobs wait out a backoff (`not_before`); the loop wakes when the first one ends."""
+
+def wake_on_signals(wake: threading.Event) -> None:
+    """Set `wake` the moment a signal arrives (call from the main thread, after the handlers).
+
+    A Python signal handler may only set flags (an Event's lock could be held by the very thread it
+    interrupts), and it cannot end the loop's wait early. The interpreter's wakeup file descriptor is
+    written by the C-level handler at once; a small thread blocked on it sets `wake`. By the time the
+    loop runs again the Python handler has run too, so the loop sees its flag. No polling: the
+    thread sleeps until a signal comes.
+    """
+    read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    os.set_blocking(read_end, True)
+    signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+
+    def relay() -> None:
+        while os.read(read_end, 64):
+            wake.set()
+
+    threading.Thread(target=relay, name="signal-wakeup", daemon=True).start()
+
 
 @dataclass
 class _Running:
@@ -75,6 +121,15 @@ class Scheduler:
         self._submitted_clock: dict[int, float] = {}
         self._evidence: dict[int, PollEvidence] = {}
         """What each job's polls have heard (wall time): the evidence for giving a job up."""
+        self._webhooked: set[int] = set()
+        """Jobs submitted in this run with a webhook: polled only as a safety net while calls arrive."""
+        self._called_back: set[int] = set()
+        """Jobs whose webhook call has arrived."""
+        self._heard_since: set[int] = set()
+        """Jobs polled since `fail_overdue_jobs` last looked at them."""
+        self._next_retry_check = 0.0
+        self.webhooks_arrive = True
+        """False once a job finished without its call (the provider cannot reach us): poll as usual."""
         self._expected: float | None = None
         self._next_heartbeat = 0.0
         self._stage_errors: dict[int, int] = {}
@@ -90,6 +145,7 @@ class Scheduler:
 
     def run(self) -> None:
         """Recover what a previous run left, then loop until `stop()`; clean-up in `finally`."""
+        self.ctx.journal.start_heartbeat(heartbeat_file(self.ctx.config.state_dir))
         self.recovering = True
         try:
             recovery.recover(self.ctx, progress=self._recovery_progress)
@@ -191,8 +247,34 @@ class Scheduler:
         if answer.verdict is SubmitVerdict.ACCEPTED:
             sent_at = outcome.sent_at if outcome.sent_at is not None else now
             self._submitted_clock[outcome.job_id] = sent_at
-            self._next_poll[outcome.job_id] = next_poll_time(now, sent_at, self.poll_interval, self._expected)
+            if outcome.webhook:
+                self._webhooked.add(outcome.job_id)
+            self._next_poll[outcome.job_id] = self._poll_time(outcome.job_id, now)
         self._announce(self.gate.on_submit(answer, now, outcome.sent_at), answer.message)
+
+    def _poll_time(self, job_id: int, now: float) -> float:
+        """The job's next poll: a safety net while its webhook call is expected, else the usual pace."""
+        sent_at = self._submitted_clock.get(job_id)
+        if job_id in self._webhooked and self.webhooks_arrive:
+            return next_safety_poll(now, sent_at, self.poll_interval, self._expected, self.job_timeout)
+        return next_poll_time(now, sent_at, self.poll_interval, self._expected)
+
+    def _webhook_missed(self, job_id: int, now: float) -> None:
+        """A job finished and no call came: the provider cannot reach the webhook. Poll as usual."""
+        if not self.webhooks_arrive:
+            return
+        self.webhooks_arrive = False
+        log.warning("webhook.not_arriving", job_id=job_id,
+                    detail="a job finished without its webhook call (is hosting.builtin.public_url reachable "
+                           "from the provider?); polling every job at api.poll_interval until a call arrives")
+        for other in self._webhooked & set(self._next_poll):
+            self._next_poll[other] = min(self._next_poll[other], self._poll_time(other, now))
+
+    def _webhook_arrived(self, job_id: int) -> None:
+        self._called_back.add(job_id)
+        if not self.webhooks_arrive:
+            self.webhooks_arrive = True
+            log.info("webhook.arriving", job_id=job_id, detail="webhook calls arrive again: polls are a safety net")
 
     def _announce(self, change: str | None, detail: str) -> None:
         """Say what the gate's change means, once, and keep `status` in step with it."""
@@ -236,14 +318,16 @@ class Scheduler:
             sample = answer.provider_seconds
             self._expected = sample if self._expected is None else 0.8 * self._expected + 0.2 * sample
         if answer.verdict is not PollVerdict.AUTH:
+            self._heard_since.add(job_id)
             self._evidence.setdefault(job_id, PollEvidence()).heard(
                 answer.http_status, usable=answer.verdict is not PollVerdict.RETRY,
                 waiting=answer.verdict is PollVerdict.WAITING, message=answer.message, now=self.ctx.wall())
         if answer.verdict in (PollVerdict.WAITING, PollVerdict.RETRY, PollVerdict.AUTH):
             delay_floor = answer.retry_after or 0.0
-            self._next_poll[job_id] = max(now + delay_floor, next_poll_time(
-                now, self._submitted_clock.get(job_id), self.poll_interval, self._expected))
+            self._next_poll[job_id] = max(now + delay_floor, self._poll_time(job_id, now))
         else:
+            if job_id in self._webhooked and job_id not in self._called_back:
+                self._webhook_missed(job_id, now)
             self._next_poll.pop(job_id, None)
             self._submitted_clock.pop(job_id, None)
 
@@ -282,6 +366,10 @@ class Scheduler:
         """
         if self.stop_requested or not self.watcher.available:
             return
+        now = self.clock()
+        if now < self._next_retry_check:  # asked for from another process: looked for once a second
+            return
+        self._next_retry_check = now + RETRY_CHECK_SECONDS
         retry.take_requests(self.ctx.journal, self.ctx.inbox)
 
     def take_new_files(self) -> None:
@@ -289,12 +377,15 @@ class Scheduler:
         if self.stop_requested:
             return
         journal = self.ctx.journal
-        params = self.ctx.config.restore.as_request()
-        for sighting in self.watcher.take_settled(journal.active_paths()):
-            job = journal.add_job(sighting.rel_path, sighting.size, sighting.mtime_ns, params)
-            if job is not None:
-                log.info("file.detected", rel_path=job.rel_path, job_id=job.id, size=job.size,
-                         settle_wait=round(sighting.waited, 3))
+        sightings = self.watcher.take_settled(journal.active_jobs_for, limit=NEW_FILES_PER_PASS)
+        if not sightings:
+            return
+        waited = {s.rel_path: s.waited for s in sightings}
+        added = journal.add_jobs([(s.rel_path, s.size, s.mtime_ns) for s in sightings],
+                                 self.ctx.config.restore.as_request())
+        for job in added:
+            log.info("file.detected", rel_path=job.rel_path, job_id=job.id, size=job.size,
+                     settle_wait=round(waited[job.rel_path], 3))
 
     def fail_overdue_jobs(self) -> None:
         """Jobs the provider has held, or not answered for usably, longer than api.job_timeout go to failed/.
@@ -303,9 +394,15 @@ class Scheduler:
         a rejected key it is the daemon that could not ask, and the job may well be finished and
         paid for: it is polled first.
         """
-        for job in self.ctx.journal.jobs_in(JobState.SUBMITTED):
-            evidence = self._evidence.get(job.id)
-            if job.id in self._running or job.submitted_at is None or evidence is None:
+        # A verdict changes only with what a poll heard: only the jobs polled since are looked at.
+        heard, self._heard_since = self._heard_since, set()
+        for job_id in heard:
+            evidence = self._evidence.get(job_id)
+            if job_id in self._running or evidence is None:
+                self._heard_since.add(job_id)  # looked at once its stage is back
+                continue
+            job = self.ctx.journal.get(job_id)
+            if job is None or job.state is not JobState.SUBMITTED or job.submitted_at is None:
                 continue
             verdict = overdue_reason(job.submitted_at, evidence, self.job_timeout, job.remote_status)
             if verdict is not None:
@@ -348,12 +445,16 @@ class Scheduler:
         if checking >= CHECKS_AHEAD_AT_ONCE:
             return
         # The next few that are due (backing-off jobs must not hide them); those checked already count
-        # toward the few, so pinned copies made ahead stay bounded.
-        for job in self.ctx.journal.jobs_in(JobState.PENDING, limit=2 * self.max_in_flight, due_by=self.ctx.wall(),
-                                            exclude=list(self._running)):
+        # toward the few, so pinned copies made ahead stay bounded. Ids first: a whole row is read
+        # only for a job that is checked now.
+        for job_id, checked in self.ctx.journal.next_pending(limit=2 * self.max_in_flight, due_by=self.ctx.wall(),
+                                                            exclude=list(self._running)):
             if checking >= CHECKS_AHEAD_AT_ONCE:
                 return
-            if job.id in self.ctx.prechecked or job.sha256:
+            if checked or job_id in self.ctx.prechecked:
+                continue
+            job = self.ctx.journal.get(job_id)
+            if job is None or job.state is not JobState.PENDING:
                 continue
             self._dispatch(job, "check", stages.check_ahead)
             checking += 1
@@ -373,9 +474,13 @@ class Scheduler:
                 break
             if job_id in submitted:
                 self._next_poll[job_id] = now
+                self._webhook_arrived(job_id)
         for job_id in [j for j in self._next_poll if j not in submitted]:  # timed out, failed, done
             self._next_poll.pop(job_id, None)
             self._submitted_clock.pop(job_id, None)
+        followed = submitted.keys() | self._running.keys()  # a running poll reports back after its job moved on
+        self._webhooked &= followed
+        self._called_back &= followed
         for job_id in [j for j in self._evidence if j not in submitted]:
             del self._evidence[job_id]
         for job in submitted.values():
@@ -386,13 +491,21 @@ class Scheduler:
                 self._dispatch(job, "poll", stages.poll)
 
     def start_finishing(self) -> None:
-        """Jobs past the provider: download (after any backoff), archive, or move to failed/."""
-        now_wall = self.ctx.wall()
+        """Jobs past the provider: download (after any backoff), archive, or move to failed/.
+
+        Downloads run at most DOWNLOADS_AT_ONCE at a time; archiving and failing are quick file moves.
+        """
+        now_wall, running = self.ctx.wall(), list(self._running)
+        downloading = sum(r.kind == JobState.DOWNLOADING.value for r in self._running.values())
+        free = DOWNLOADS_AT_ONCE - downloading
+        jobs = self.ctx.journal.jobs_in(JobState.DOWNLOADING, limit=free, due_by=now_wall,
+                                        exclude=running) if free > 0 else []
+        for state in (JobState.DELIVERING, JobState.FAILING):  # one state a query: an index walk, no sort
+            jobs += self.ctx.journal.jobs_in(state, limit=FINISHING_PER_PASS, due_by=now_wall, exclude=running)
         work = {JobState.DOWNLOADING: stages.deliver, JobState.DELIVERING: stages.finish_delivery,
                 JobState.FAILING: stages.finish_failing}
-        for job in self.ctx.journal.jobs_in(*work):
-            if job.id not in self._running and job.not_before <= now_wall:
-                self._dispatch(job, job.state.value, work[job.state])
+        for job in jobs:
+            self._dispatch(job, job.state.value, work[job.state])
 
     def heartbeat(self) -> None:
         """Show the daemon is alive (for `status` and the watchdog), and remind, at a bounded rate, of a pause."""
@@ -403,8 +516,8 @@ class Scheduler:
                       paused_for=round(now - self.gate.paused_since), next_probe_in=round(max(0.0, self.gate.until - now), 1),
                       waiting=self.ctx.journal.count_in(JobState.PENDING), fix=self._fix_for(self.gate.reason))
         if now >= self._next_heartbeat:
-            self._next_heartbeat = now + 2.0
-            self.ctx.journal.set_meta("heartbeat", repr(self.ctx.wall()))
+            self._next_heartbeat = now + HEARTBEAT_SECONDS
+            self.ctx.journal.beat()  # a touched file, never a synced write: idle costs the disk nothing
             self.status_hook(self.activity())
 
     def activity(self) -> str:
@@ -424,6 +537,10 @@ class Scheduler:
         gate_opens = self.gate.wake_at(now)
         if gate_opens is not None:
             deadlines.append(gate_opens)
+        wall = self.ctx.wall()
+        backoff_ends = self.ctx.journal.next_due(BACKING_OFF_STATES, wall)
+        if backoff_ends is not None:
+            deadlines.append(now + (backoff_ends - wall))
         timeout = min(deadlines) - now
         if timeout > 0:
             self.wake.wait(timeout)

@@ -99,7 +99,8 @@ def launch(ctx: Context, job: Job) -> StageOutcome:
     sent_at = time.monotonic()
     answer = ctx.api.submit(url, job.params, webhook_url=webhook)
     took = round(time.monotonic() - sent_at, 3)
-    return StageOutcome(job.id, submit=_record_submit(ctx, job, answer, took), sent_at=sent_at)
+    return StageOutcome(job.id, submit=_record_submit(ctx, job, answer, took), sent_at=sent_at,
+                        webhook=webhook is not None)
 
 
 def _pinned_check(ctx: Context, job: Job, source: Path) -> tuple[Job, PreflightResult | None]:
@@ -282,7 +283,7 @@ def _copy_was_available(ctx: Context, job: Job) -> bool:
 
 
 def poll(ctx: Context, job: Job) -> StageOutcome:
-    """SUBMITTED -> ask the provider; on COMPLETED go straight on to deliver."""
+    """SUBMITTED -> ask the provider; on COMPLETED unpublish and hand the job on to DOWNLOADING."""
     answer = ctx.api.poll(job.polling_url)
     if job.hosted_key and job.hosted_key in answer.message:
         answer = dataclasses.replace(answer, message=without_published_url(answer.message, job.hosted_key))
@@ -300,7 +301,8 @@ def poll(ctx: Context, job: Job) -> StageOutcome:
                  provider_seconds=answer.provider_seconds,
                  duration=round(ctx.wall() - (job.submitted_at or ctx.wall()), 3))
         unpublish(ctx, job)
-        deliver(ctx, job)
+        # The delivery (download, image work) is the scheduler's to start, a few at a time: run
+        # here, a burst of completions would take every core from the submits that refill the slots.
     elif verdict is PollVerdict.FAILED:
         if looks_like_fetch_failure(answer.message) and not _copy_was_available(ctx, job):
             # Not the scan's fault: the daemon's own copy was gone when the provider came for it.

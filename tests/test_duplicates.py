@@ -36,7 +36,9 @@ def test_same_image_dropped_before_and_after_the_first_completes_costs_one_submi
     outputs = visible_files(folders["outbox"])
     assert [p.name for p in outputs] == ["after.png", "first.png", "while in flight.png"]
     assert len({p.read_bytes() for p in outputs}) == 1
-    assert len(visible_files(folders["archive"])) == 3 and visible_files(folders["inbox"]) == []
+    # the output is placed first, the original archived a moment later
+    wait_for(lambda: len(visible_files(folders["archive"])) == 3, 10, what="the last original archived")
+    assert visible_files(folders["inbox"]) == []
     duplicates = [e for e in captured_logs if e["event"] == "job.duplicate"]
     assert len(duplicates) == 2
     journal = Journal(journal_path(config), read_only=True)

@@ -456,11 +456,13 @@ def test_admin_endpoints(emu, image_url):
     assert over_http["submits_accepted"] == 1 and over_http["jobs"][0]["status"] == "COMPLETED"
 
     settings = {"latency": 0.01, "max_concurrent": 2, "balance": 3, "rate_limit": 50,
-                "model_disabled": True, "revoked_keys": ["old"], "hang_seconds": 2, "fetch_delay": 0.5}
+                "model_disabled": True, "revoked_keys": ["old"], "hang_seconds": 2, "fetch_delay": 0.5,
+                "drop_webhooks": True}
     response = requests.post(f"{emu.url}/_emulator/settings", json=settings, timeout=5)
     assert response.status_code == 200 and response.json() == settings
     assert (emu.latency, emu.max_concurrent, emu.balance, emu.rate_limit, emu.model_disabled,
-            emu.revoked_keys, emu.hang_seconds, emu.fetch_delay) == (0.01, 2, 3, 50, True, {"old"}, 2, 0.5)
+            emu.revoked_keys, emu.hang_seconds, emu.fetch_delay, emu.drop_webhooks) == (
+        0.01, 2, 3, 50, True, {"old"}, 2, 0.5, True)
     for bad in ({"latency": -1}, {"colour": "red"}, {"max_concurrent": 1.5}):
         assert requests.post(f"{emu.url}/_emulator/settings", json=bad, timeout=5).status_code == 400
 
