@@ -28,22 +28,31 @@ SYSLOG_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 
 """syslog(3) priorities journald reads from a `<N>` line prefix (notice, 5, is not used)."""
 _LEVEL_ALIASES = {"warn": "warning", "exception": "error", "fatal": "critical", "msg": "info"}
 
-_secrets: set[str] = set()
+_secrets: frozenset[str] = frozenset()
+"""Replaced whole (under the lock) when one is added, so every log line reads it without a lock."""
 _secrets_lock = threading.Lock()
+_secret_fields: dict[str, bool] = {}
+"""Field name -> whether it names a secret: log fields are a small vocabulary, each matched once."""
 
 
 def register_secret(value: str) -> None:
     """Mask `value` in every log line from now on (the API key, hosting credentials)."""
+    global _secrets
     if value and len(value) >= 4:
         with _secrets_lock:
-            _secrets.add(value)
+            _secrets = _secrets | {value}
 
 
 def mask_secrets(text: str) -> str:
     """`text` with every registered secret masked: for error texts stored in the journal and records."""
-    with _secrets_lock:
-        secrets = frozenset(_secrets)
-    return _mask_text(text, secrets)
+    return _mask_text(text, _secrets)
+
+
+def _is_secret_field(key: str) -> bool:
+    known = _secret_fields.get(key)
+    if known is None:
+        known = _secret_fields[key] = bool(SECRET_FIELD.search(key))
+    return known
 
 
 def _mask_text(text: str, secrets: Iterable[str]) -> str:
@@ -67,10 +76,9 @@ def _mask_value(value: Any, secrets: frozenset[str]) -> Any:
 
 def redact_secrets(logger: Any, method_name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
     """structlog processor: mask registered secret values anywhere, and secret-looking fields whole."""
-    with _secrets_lock:
-        secrets = frozenset(_secrets)
+    secrets = _secrets
     for key, value in list(event_dict.items()):
-        if SECRET_FIELD.search(key):
+        if _is_secret_field(key):
             event_dict[key] = MASK
         else:
             event_dict[key] = _mask_value(value, secrets)
