@@ -69,6 +69,13 @@ def polling_interval(settle_seconds: float) -> float:
     return min(1.0, max(0.25, settle_seconds / 2))
 
 
+HANDLED_EVENTS = [FileModifiedEvent, FileCreatedEvent, FileAttribEvent, FileClosedEvent, FileMovedEvent,
+                  DirMovedEvent, DirCreatedEvent, FileDeletedEvent]
+"""What `QueueingHandler` acts on, and all the observer is asked for: inotify then leaves opens and
+read-only closes out, so reading an inbox file (the daemon's own rescans and preflight, a backup or
+an indexer on a NAS) no longer wakes the observer's threads for events that would be dropped."""
+
+
 class QueueingHandler(FileSystemEventHandler):
     """Runs on the observer thread: only queues what happened and wakes the main loop."""
 
@@ -144,7 +151,7 @@ def start_observer(kind: str, inbox: Path, handler: FileSystemEventHandler, inte
     else:
         observer = Observer()
     try:
-        observer.schedule(handler, str(inbox), recursive=True)
+        observer.schedule(handler, str(inbox), recursive=True, event_filter=HANDLED_EVENTS)
         observer.start()
     except BaseException:
         with contextlib.suppress(Exception):

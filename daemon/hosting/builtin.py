@@ -258,8 +258,7 @@ class BuiltinHost(HostingAdapter):
             self._server.socket = self._tls_context().wrap_socket(
                 self._server.socket, server_side=True,
                 do_handshake_on_connect=False)  # handshakes happen on each request's own thread
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name="builtin-host", daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="builtin-host", daemon=True)
         self._thread.start()
         log.info("hosting.started", adapter=self.name, listen=self.listen, public_url=self.public_url)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import io
+import selectors
 import socket
 import ssl
 import threading
@@ -68,7 +69,10 @@ class MissLimiter:
 
 
 class CappedServer(http.server.ThreadingHTTPServer):
-    """One thread per connection, at most `max_connections` of them; the rest are turned away at once."""
+    """One thread per connection, at most `max_connections` of them; the rest are turned away at once.
+
+    The accepting thread sleeps until a connection or a stop arrives: an idle host never wakes.
+    """
 
     daemon_threads = True
     allow_reuse_address = True
@@ -80,6 +84,49 @@ class CappedServer(http.server.ThreadingHTTPServer):
         self._turned_away = 0
         self._last_busy_log = -MISS_WINDOW
         super().__init__(address, handler)
+        self._stop_requested = False
+        self._stopped = threading.Event()
+        self._wake_reader, self._wake_writer = socket.socketpair()  # shutdown() writes a byte to wake the loop
+        self._wake_reader.setblocking(False)
+        self._wake_writer.setblocking(False)
+
+    def serve_forever(self, poll_interval: float | None = None) -> None:
+        """Serve until `shutdown()`, asleep in between: only a connection or the stop itself wakes the loop.
+
+        The stdlib's loop looks for a stop request every `poll_interval` (at 0.2 s, five wake-ups a
+        second all day on an idle station); here `shutdown()` wakes it through a socket pair, so a stop
+        is as prompt as before. `poll_interval` is accepted for the stdlib's signature and ignored.
+        """
+        self._stopped.clear()
+        try:
+            with selectors.DefaultSelector() as selector:
+                selector.register(self, selectors.EVENT_READ)
+                selector.register(self._wake_reader, selectors.EVENT_READ)
+                while not self._stop_requested:
+                    ready = selector.select()
+                    if self._stop_requested:
+                        break
+                    if any(key.fileobj is self for key, _ in ready):
+                        self._handle_request_noblock()
+                    self.service_actions()
+        finally:
+            self._stop_requested = False
+            with contextlib.suppress(OSError):  # the wake byte, so a later serve_forever does not spin
+                while self._wake_reader.recv(64):
+                    pass
+            self._stopped.set()
+
+    def shutdown(self) -> None:
+        """Stop `serve_forever` and wait until it has returned; called from another thread, as the stdlib's."""
+        self._stop_requested = True
+        with contextlib.suppress(OSError):  # a byte already waiting wakes the loop just as well
+            self._wake_writer.send(b"\0")
+        self._stopped.wait()
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._wake_reader.close()
+        self._wake_writer.close()
 
     def process_request(self, request: socket.socket, client_address: tuple) -> None:
         """Runs on the accepting thread, so it never waits: a free slot gets a thread, else a refusal."""
