@@ -1,0 +1,75 @@
+"""The polling observer on a large share: one cheap walk, and walks paced to a tenth of a core."""
+
+from __future__ import annotations
+
+import os
+import queue
+import stat
+import threading
+import time
+
+import pytest
+from watchdog.events import DirCreatedEvent, DirDeletedEvent, FileCreatedEvent, FileDeletedEvent, FileModifiedEvent
+
+from daemon.observers import (WALK_CPU_SHARE, PacedPollingEmitter, QueueingHandler, list_tree, listing_changes,
+                              start_observer, walk_pause)
+
+from .conftest import wait_for
+
+
+@pytest.mark.parametrize("interval, walk_cpu, pause", [
+    (1.0, 0.0, 1.0),     # a small inbox: the configured interval
+    (1.0, 0.05, 1.0),    # 0.05 s of work in 1 s is 5%: within the share
+    (1.0, 0.3, 2.7),     # 0.3 s of work: walk again after 2.7 s, 10% of a core
+    (0.25, 1.0, 9.0),
+])
+def test_walk_pause(interval, walk_cpu, pause):
+    assert walk_pause(interval, walk_cpu) == pytest.approx(pause)
+    if walk_cpu:
+        assert walk_cpu / (walk_cpu + walk_pause(interval, walk_cpu)) <= WALK_CPU_SHARE + 1e-9
+
+
+def test_listing_changes_by_table(tmp_path):
+    file_mode, dir_mode = stat.S_IFREG | 0o644, stat.S_IFDIR | 0o755
+    before = {"/i/a.jpg": (1, 10, file_mode), "/i/b.jpg": (2, 20, file_mode), "/i/album": (0, 5, dir_mode)}
+    after = {"/i/a.jpg": (1, 10, file_mode), "/i/b.jpg": (3, 21, file_mode), "/i/album": (0, 6, dir_mode),
+             "/i/c.jpg": (4, 30, file_mode), "/i/new": (0, 7, dir_mode)}
+    events = listing_changes(before, after)
+    assert sorted((type(e).__name__, e.src_path) for e in events) == sorted([
+        (FileModifiedEvent.__name__, "/i/b.jpg"), (FileCreatedEvent.__name__, "/i/c.jpg"),
+        (DirCreatedEvent.__name__, "/i/new")])
+    assert sorted((type(e).__name__, e.src_path) for e in listing_changes(after, before)
+                  if isinstance(e, (FileDeletedEvent, DirDeletedEvent))) == [
+        (DirDeletedEvent.__name__, "/i/new"), (FileDeletedEvent.__name__, "/i/c.jpg")]
+
+
+def test_list_tree_lists_below_without_following_links_or_entering_hidden_folders(tmp_path):
+    (tmp_path / "album").mkdir()
+    (tmp_path / "album" / "p.jpg").write_bytes(b"x")
+    (tmp_path / ".partial").mkdir()
+    (tmp_path / ".partial" / "hidden.jpg").write_bytes(b"x")
+    (tmp_path / "to-root").symlink_to("/")
+    listing = list_tree(str(tmp_path))
+    assert sorted(os.path.relpath(p, tmp_path) for p in listing) == [".partial", "album", "album/p.jpg", "to-root"]
+
+
+def test_a_costly_walk_is_paced_and_a_new_file_is_still_reported(tmp_path, captured_logs):
+    for i in range(20_000):
+        (tmp_path / f"scan-{i:05d}.jpg").write_bytes(b"x")
+    events: queue.SimpleQueue = queue.SimpleQueue()
+    woken = threading.Event()
+    observer = start_observer("polling", tmp_path, QueueingHandler(events, woken.set, reports_close=False), 0.05)
+    try:
+        [emitter] = list(observer.emitters)
+        assert isinstance(emitter, PacedPollingEmitter)
+        wait_for(lambda: any(e["event"] == "watch.polling_paced" for e in captured_logs), 20,
+                 what="the walk of 20,000 files to be paced")
+        [paced] = [e for e in captured_logs if e["event"] == "watch.polling_paced"][:1]
+        assert paced["interval"] > 0.05 and paced["interval"] == pytest.approx(
+            walk_pause(0.05, paced["walk_cpu"]), abs=0.01)
+        (tmp_path / "new.jpg").write_bytes(b"dropped on the share")
+        assert woken.wait(30), "a new file on a paced share was never reported"
+        assert ("appeared", str(tmp_path / "new.jpg")) in [events.get_nowait() for _ in range(events.qsize())]
+    finally:
+        observer.stop()
+        observer.join(10)
