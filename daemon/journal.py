@@ -523,6 +523,12 @@ class Journal:
             rows = self._db.execute(sql + f" ORDER BY id LIMIT {int(limit)}", args).fetchall()
         return [(int(r[0]), bool(r[1])) for r in rows]
 
+    def ids_in(self, state: JobState) -> list[int]:
+        """Ids of the jobs in `state`, oldest first, without reading their rows."""
+        with self._lock:
+            return [r[0] for r in self._db.execute("SELECT id FROM jobs INDEXED BY jobs_by_state WHERE state = ? "
+                                                   "ORDER BY id", (state.value,))]
+
     def count_in(self, *states: JobState) -> int:
         marks = ", ".join("?" for _ in states)
         with self._lock:

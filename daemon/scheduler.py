@@ -466,7 +466,7 @@ class Scheduler:
 
     def start_polls(self) -> None:
         now = self.clock()
-        submitted = {job.id: job for job in self.ctx.journal.jobs_in(JobState.SUBMITTED)}
+        submitted = set(self.ctx.journal.ids_in(JobState.SUBMITTED))  # rows are read only for the polls due
         while True:
             try:
                 job_id = self._poll_requests.get_nowait()
@@ -478,17 +478,19 @@ class Scheduler:
         for job_id in [j for j in self._next_poll if j not in submitted]:  # timed out, failed, done
             self._next_poll.pop(job_id, None)
             self._submitted_clock.pop(job_id, None)
-        followed = submitted.keys() | self._running.keys()  # a running poll reports back after its job moved on
+        followed = submitted | self._running.keys()  # a running poll reports back after its job moved on
         self._webhooked &= followed
         self._called_back &= followed
         for job_id in [j for j in self._evidence if j not in submitted]:
             del self._evidence[job_id]
-        for job in submitted.values():
-            if job.id in self._running:
+        for job_id in submitted:
+            if job_id in self._running:
                 continue
-            due = self._next_poll.setdefault(job.id, now)
+            due = self._next_poll.setdefault(job_id, now)
             if due <= now:
-                self._dispatch(job, "poll", stages.poll)
+                job = self.ctx.journal.get(job_id)
+                if job is not None and job.state is JobState.SUBMITTED:
+                    self._dispatch(job, "poll", stages.poll)
 
     def start_finishing(self) -> None:
         """Jobs past the provider: download (after any backoff), archive, or move to failed/.
