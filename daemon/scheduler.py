@@ -51,6 +51,10 @@ with submits starting between them, instead of one long pass before the first su
 FINISHING_PER_PASS = 64
 """Downloads, deliveries and failures started per pass (each is one pool task)."""
 
+RESULTS_WAITING_AT_MOST = 2
+"""Submits wait while this many times `api.max_in_flight` finished results wait for their delivery:
+a fast provider must not run ahead of a slow station until its result links expire."""
+
 DOWNLOADS_AT_ONCE = max(1, (os.cpu_count() or 2) - 1)
 """Deliveries (download, decode, guard, encode) running at once: one core is always left for the
 submits, polls and the loop, so a burst of completions never delays refilling the provider's
@@ -419,6 +423,8 @@ class Scheduler:
         free = self.gate.limit - journal.count_in(*IN_FLIGHT_STATES)
         if free <= 0:
             return
+        if journal.count_in(JobState.DOWNLOADING) >= RESULTS_WAITING_AT_MOST * self.max_in_flight:
+            return  # this station delivers slower than the provider restores: let it catch up first
         # Readiness is decided in SQL: the oldest jobs backing off must not hide newer ones that are ready.
         ready = journal.jobs_in(JobState.PENDING, limit=free, due_by=self.ctx.wall(), exclude=list(self._running))
         allowed = self.gate.allowed(self.clock(), min(free, len(ready))) if ready else 0

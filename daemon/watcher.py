@@ -15,13 +15,14 @@ and a pause (nothing taken, nothing dropped) while the inbox itself is gone.
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import os
 import queue
 import stat
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import structlog
 from watchdog.observers.api import BaseObserver
@@ -47,6 +48,10 @@ job was taken with. Paths without one are left out. An index lookup per path, ne
 LOOKUP_CHUNK = 500
 """Paths asked about in one journal lookup."""
 
+LOOKS_PER_PASS = 1000
+"""Files found new by a scan that are looked at (a stat, the kernel asked about writes) per pass: a
+backlog of thousands present at start is taken in steps, and the first ones go out meanwhile."""
+
 
 def no_jobs(paths: Collection[str]) -> dict[str, tuple[int, int]]:
     return {}
@@ -62,7 +67,7 @@ def _lookup(active_jobs: ActiveJobs, paths: list[str]) -> dict[str, tuple[int, i
 
 def is_ignored(rel_path: str, patterns: Iterable[str] = ()) -> bool:
     """Names a scanner or copier uses while a file is unfinished, hidden files, and user patterns."""
-    parts = PurePosixPath(rel_path).parts
+    parts = rel_path.split("/")  # a relative POSIX path, as the watcher makes them (no "." or "" parts)
     if any(part.startswith(".") for part in parts):
         return True
     name = parts[-1]
@@ -127,6 +132,8 @@ class InboxWatcher:
         self._warned: set[str] = set()
         self._held: dict[str, Sighting] = {}
         """Files that changed while their job was unfinished: offered again once it has ended."""
+        self._to_look: dict[str, bool] = {}
+        """Files a scan found new, waiting for their first look (path -> found by a new watch's first scan)."""
 
     @property
     def available(self) -> bool:
@@ -290,14 +297,17 @@ class InboxWatcher:
             reported, found_below = self._drain_events(now)
             found |= found_below
             # Found by a scan and followed by nothing yet; those with a job are the journal's to know.
-            unseen = [p for p in found if p not in self._tracker and p not in self._held]
+            unseen = [p for p in found if p not in self._tracker and p not in self._held and p not in self._to_look]
             with_job = _lookup(active_jobs, unseen)
-            looked: set[str] = set()
             for rel_path in unseen:
-                if rel_path not in with_job or rel_path in reported:
-                    self._look_at_unseen(rel_path, now, first_scan and rel_path not in reported)
-                    looked.add(rel_path)
+                if rel_path not in with_job and rel_path not in reported:
+                    self._to_look[rel_path] = first_scan
+            looked: set[str] = set()
+            for rel_path in list(itertools.islice(self._to_look, LOOKS_PER_PASS)):
+                self._look_at_unseen(rel_path, now, self._to_look.pop(rel_path))
+                looked.add(rel_path)
             for rel_path in reported - looked:
+                self._to_look.pop(rel_path, None)
                 if rel_path in self._tracker:
                     self._stat_into_tracker(rel_path, now)
                 else:  # new to the watcher: e.g. renamed in, complete already
@@ -344,6 +354,8 @@ class InboxWatcher:
             return self._next_health_check
         now = self._clock()
         settle = self._tracker.next_deadline(now)
+        if self._to_look:
+            return now  # files found by a scan still wait for their first look
         soonest = min(self._next_rescan, self._next_health_check)
         return min(soonest, settle) if settle is not None else soonest
 
@@ -378,6 +390,7 @@ class InboxWatcher:
             if kind == "gone":
                 self._tracker.forget(rel_path)
                 self._held.pop(rel_path, None)
+                self._to_look.pop(rel_path, None)
                 continue
             reported.add(rel_path)
             if kind == "write":
@@ -386,14 +399,29 @@ class InboxWatcher:
                 self._tracker.write_closed(rel_path, now)
 
     def _scan(self, top: Path) -> set[str]:
-        """Every candidate file below `top`; a symlinked folder is a candidate itself, never walked."""
+        """Every candidate file below `top`; a symlinked folder is a candidate itself, never walked.
+
+        One scandir pass with string paths: names only (d_type says what is a folder), no stat, so a
+        rescan of a share of tens of thousands of files costs a listing, not a look at each file.
+        """
         found: set[str] = set()
-        for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            linked_folders = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
-            for name in filenames + linked_folders:
-                rel_path = self._relative(os.path.join(dirpath, name))
-                if rel_path is not None and not is_ignored(rel_path, self.ignore):
+        start = self._relative(str(top))
+        if start is None:
+            return found
+        folders = [(str(top), "" if start == "." else start + "/")]
+        while folders:
+            folder, prefix = folders.pop()
+            try:
+                entries = list(os.scandir(folder))
+            except OSError:  # gone, or unreadable: as os.walk, skipped (the next rescan looks again)
+                continue
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    if not entry.name.startswith("."):
+                        folders.append((entry.path, prefix + entry.name + "/"))
+                    continue
+                rel_path = prefix + entry.name
+                if not is_ignored(rel_path, self.ignore):
                     found.add(rel_path)
         return found
 

@@ -243,3 +243,29 @@ def test_no_pass_reads_the_whole_backlog(folders, emulator, make_config, run_dae
         plans = {q: " / ".join(r[3] for r in journal._db.execute("EXPLAIN QUERY PLAN " + q)) for q in queries}
     full_reads = {q: plan for q, plan in plans.items() if "SCAN jobs" in plan or "TEMP B-TREE" in plan}
     assert full_reads == {}, "\n".join(f"{q}\n    -> {p}" for q, p in full_reads.items())
+
+
+def test_submits_wait_while_finished_results_wait_for_their_delivery(folders, emulator, make_config, run_daemon,
+                                                                      monkeypatch):
+    """A provider faster than the station's deliveries must not run ahead until its links expire."""
+    from daemon import scheduler
+    from daemon.demo import make_photo
+
+    monkeypatch.setattr(scheduler, "DOWNLOADS_AT_ONCE", 0)  # the station delivers nothing for now
+    emulator.latency = 0.05
+    daemon = run_daemon(make_config(api={"max_in_flight": 2}))
+    for i in range(8):
+        make_photo(folders["inbox"].parent / f"p{i}.jpg", 48, 40, seed=i)
+        (folders["inbox"].parent / f"p{i}.jpg").rename(folders["inbox"] / f"p{i}.jpg")
+    journal = daemon.service.journal
+    wait_for(lambda: journal.count_in(JobState.DOWNLOADING) >= 4, 30, what="four results waiting")
+    daemon.wait_for_passes(1.0)
+    accepted = emulator.stats()["submits_accepted"]
+    # Once 2 x max_in_flight results wait, no submit starts; only those already in flight finish.
+    assert 4 <= accepted <= 4 + 2 and journal.count_in(JobState.DOWNLOADING) == accepted
+    daemon.wait_for_passes(1.0)
+    assert emulator.stats()["submits_accepted"] == accepted
+    monkeypatch.setattr(scheduler, "DOWNLOADS_AT_ONCE", 1)
+    daemon.service.scheduler.wake.set()
+    wait_for(lambda: len(list(folders["outbox"].glob("*.png"))) == 8, 60, what="all eight delivered")
+    assert emulator.stats()["submits_accepted"] == 8
