@@ -167,7 +167,10 @@ MIGRATIONS: dict[int, str] = {
     """,
     3: "CREATE TABLE IF NOT EXISTS retry_requests (job_id INTEGER PRIMARY KEY, requested_at REAL NOT NULL);",
     4: "ALTER TABLE jobs ADD COLUMN output_sha256 TEXT;",
-    5: "CREATE INDEX IF NOT EXISTS jobs_by_state_due ON jobs(state, not_before);",
+    5: """
+        CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state);
+        CREATE INDEX IF NOT EXISTS jobs_by_state_due ON jobs(state, not_before);
+    """,
 }
 """SQL that takes an existing journal from version N-1 to N; a new journal gets `_SCHEMA` directly."""
 

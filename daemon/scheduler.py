@@ -257,9 +257,10 @@ class Scheduler:
         self._announce(self.gate.on_submit(answer, now, outcome.sent_at), answer.message)
 
     def _poll_time(self, job_id: int, now: float) -> float:
-        """The job's next poll: a safety net while its webhook call is expected, else the usual pace."""
+        """The job's next poll: a safety net while its webhook call is expected, else the usual pace
+        (also once the call came: the job has changed, and an unusable answer is asked again soon)."""
         sent_at = self._submitted_clock.get(job_id)
-        if job_id in self._webhooked and self.webhooks_arrive:
+        if job_id in self._webhooked and self.webhooks_arrive and job_id not in self._called_back:
             return next_safety_poll(now, sent_at, self.poll_interval, self._expected, self.job_timeout)
         return next_poll_time(now, sent_at, self.poll_interval, self._expected)
 

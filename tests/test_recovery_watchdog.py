@@ -15,14 +15,14 @@ from .hosting_fixtures import command_settings, folder_server  # noqa: F401 - fi
 from .test_systemd import abstract_listener  # noqa: F401 - fixture
 
 @pytest.mark.parametrize("jobs, publish_seconds", [
-    (8, 0.6),  # many short steps: about 5 s of recovery in all
-    (1, 4.5),  # one step longer than the loop may stay silent (a republish to a slow bucket)
+    (8, 1.0),  # many short steps: about 8 s of recovery in all
+    (1, 7.5),  # one step longer than the loop may stay silent (a republish to a slow bucket)
 ])
 def test_a_recovery_longer_than_the_watchdog_allows_is_pinged_through(
         jobs, publish_seconds, tmp_path, folders, emulator, make_config, run_daemon, folder_server,  # noqa: F811
         abstract_listener, monkeypatch, captured_logs):  # noqa: F811
     """Jobs at the provider are republished at start-up, each upload slow: a recovery longer than the
-    loop may stay silent before the watchdog stops pinging (3 s)."""
+    loop may stay silent before the watchdog stops pinging (6 s)."""
     monkeypatch.setenv("STANDIN_SLOW_SECONDS", str(publish_seconds))
     monkeypatch.setenv("NOTIFY_SOCKET", abstract_listener.env_value)
     monkeypatch.setenv("WATCHDOG_USEC", "400000")  # a ping every 0.2 s
