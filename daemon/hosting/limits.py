@@ -83,12 +83,14 @@ class CappedServer(http.server.ThreadingHTTPServer):
         self._slots = threading.BoundedSemaphore(max_connections)
         self._turned_away = 0
         self._last_busy_log = -MISS_WINDOW
-        super().__init__(address, handler)
         self._stop_requested = False
         self._stopped = threading.Event()
+        # Made before the socket is bound: a bind that fails calls server_close() from the stdlib's
+        # constructor, which closes these too.
         self._wake_reader, self._wake_writer = socket.socketpair()  # shutdown() writes a byte to wake the loop
         self._wake_reader.setblocking(False)
         self._wake_writer.setblocking(False)
+        super().__init__(address, handler)
 
     def serve_forever(self, poll_interval: float | None = None) -> None:
         """Serve until `shutdown()`, asleep in between: only a connection or the stop itself wakes the loop.
