@@ -14,7 +14,6 @@ import fcntl
 import os
 import queue
 import signal
-import stat
 import time
 from collections.abc import Callable
 from functools import partial
@@ -73,9 +72,10 @@ def polling_interval(settle_seconds: float) -> float:
     return min(1.0, max(0.25, settle_seconds / 2))
 
 
-WALK_CPU_SHARE = 0.10
-"""The most of one core the polling observer's walks may take: on a share of tens of thousands of
-files one walk costs a good part of a second, and walking it every second would keep a small box busy."""
+WALK_CPU_SHARE = 0.05
+"""The most of one core the polling observer's walks may take (the watcher's rescans and a busy day's
+work come on top): on a share of tens of thousands of files one walk costs about a tenth of a second
+here, more on a small box, and walking it every second would keep the box busy for nothing."""
 
 
 def walk_pause(interval: float, walk_cpu: float, share: float = WALK_CPU_SHARE) -> float:
@@ -84,47 +84,44 @@ def walk_pause(interval: float, walk_cpu: float, share: float = WALK_CPU_SHARE) 
     return max(interval, walk_cpu / share - walk_cpu)
 
 
-Listing = dict[str, tuple[int, int, int]]
-"""path -> (size, mtime_ns, mode) of everything below the polled folder."""
+Listing = dict[str, bool]
+"""path -> is a folder, for everything below the polled folder."""
 
 
 def list_tree(top: str) -> Listing:
-    """Every entry below `top` with its lstat, in one pass of scandir (no path is stat-ed twice).
+    """Every entry below `top`, by name: one scandir pass, no stat (the entry's type comes with it).
 
+    Names are all the watcher needs from a walk: a new file is looked at (stat-ed) and followed by the
+    watcher itself, which looks again when its settle time comes, so a file still being written is
+    caught then; a file that already has a job is the journal's. Stat-ing every file of a share of
+    tens of thousands on every walk, as watchdog's DirectorySnapshot does, costs ten times more.
     Symbolic links are listed, never followed; hidden folders are not entered (the watcher ignores
-    what is in them). About a third of what watchdog's DirectorySnapshot costs, which also keeps
-    inode maps for telling moves apart: the watcher has no use for moves, a move is a file gone and
-    a file appeared.
+    what is in them).
     """
     found: Listing = {}
     folders = [top]
     while folders:
         with os.scandir(folders.pop()) as entries:
             for entry in entries:
-                st = entry.stat(follow_symlinks=False)
-                found[entry.path] = (st.st_size, st.st_mtime_ns, st.st_mode)
-                if stat.S_ISDIR(st.st_mode) and not entry.name.startswith("."):
+                is_dir = entry.is_dir(follow_symlinks=False)
+                found[entry.path] = is_dir
+                if is_dir and not entry.name.startswith("."):
                     folders.append(entry.path)
     return found
 
 
 def listing_changes(before: Listing, after: Listing) -> list[FileSystemEvent]:
-    """The events between two listings: created, deleted, modified (size, mtime or type changed)."""
-    events: list[FileSystemEvent] = []
-    for path, (_, _, mode) in after.items():
-        old = before.get(path)
-        is_dir = stat.S_ISDIR(mode)
-        if old is None:
-            events.append(DirCreatedEvent(path) if is_dir else FileCreatedEvent(path))
-        elif old != after[path] and not is_dir:
-            events.append(FileModifiedEvent(path))
-    events.extend(DirDeletedEvent(path) if stat.S_ISDIR(before[path][2]) else FileDeletedEvent(path)
+    """The events between two listings: what was created and what was deleted."""
+    events: list[FileSystemEvent] = [DirCreatedEvent(path) if is_dir else FileCreatedEvent(path)
+                                     for path, is_dir in after.items() if path not in before]
+    events.extend(DirDeletedEvent(path) if before[path] else FileDeletedEvent(path)
                   for path in before.keys() - after.keys())
     return events
 
 
 class PacedPollingEmitter(EventEmitter):
-    """Polls the folder with `list_tree`, waiting between walks as long as `walk_pause` says.
+    """Polls the folder with `list_tree` (new and deleted names), waiting between walks as long as
+    `walk_pause` says.
 
     The CPU a walk costs is this thread's own (time.thread_time), so a share that is merely slow to
     answer does not stretch the pause; only work this machine does.

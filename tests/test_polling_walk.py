@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import os
 import queue
-import stat
 import threading
-import time
 
 import pytest
-from watchdog.events import DirCreatedEvent, DirDeletedEvent, FileCreatedEvent, FileDeletedEvent, FileModifiedEvent
+from watchdog.events import DirCreatedEvent, DirDeletedEvent, FileCreatedEvent, FileDeletedEvent
 
 from daemon.observers import (WALK_CPU_SHARE, PacedPollingEmitter, QueueingHandler, list_tree, listing_changes,
                               start_observer, walk_pause)
@@ -17,30 +15,26 @@ from daemon.observers import (WALK_CPU_SHARE, PacedPollingEmitter, QueueingHandl
 from .conftest import wait_for
 
 
-@pytest.mark.parametrize("interval, walk_cpu, pause", [
-    (1.0, 0.0, 1.0),     # a small inbox: the configured interval
-    (1.0, 0.05, 1.0),    # 0.05 s of work in 1 s is 5%: within the share
-    (1.0, 0.3, 2.7),     # 0.3 s of work: walk again after 2.7 s, 10% of a core
-    (0.25, 1.0, 9.0),
+@pytest.mark.parametrize("interval, walk_cpu, share, pause", [
+    (1.0, 0.0, 0.05, 1.0),    # a small inbox: the configured interval
+    (1.0, 0.05, 0.05, 1.0),   # 0.05 s of work, 1 s apart: 5%, within the share
+    (1.0, 0.1, 0.05, 1.9),    # 0.1 s of work: walk again after 1.9 s, 5% of a core
+    (1.0, 0.3, 0.10, 2.7),
+    (0.25, 1.0, 0.05, 19.0),
 ])
-def test_walk_pause(interval, walk_cpu, pause):
-    assert walk_pause(interval, walk_cpu) == pytest.approx(pause)
+def test_walk_pause(interval, walk_cpu, share, pause):
+    assert walk_pause(interval, walk_cpu, share) == pytest.approx(pause)
     if walk_cpu:
         assert walk_cpu / (walk_cpu + walk_pause(interval, walk_cpu)) <= WALK_CPU_SHARE + 1e-9
 
 
-def test_listing_changes_by_table(tmp_path):
-    file_mode, dir_mode = stat.S_IFREG | 0o644, stat.S_IFDIR | 0o755
-    before = {"/i/a.jpg": (1, 10, file_mode), "/i/b.jpg": (2, 20, file_mode), "/i/album": (0, 5, dir_mode)}
-    after = {"/i/a.jpg": (1, 10, file_mode), "/i/b.jpg": (3, 21, file_mode), "/i/album": (0, 6, dir_mode),
-             "/i/c.jpg": (4, 30, file_mode), "/i/new": (0, 7, dir_mode)}
-    events = listing_changes(before, after)
-    assert sorted((type(e).__name__, e.src_path) for e in events) == sorted([
-        (FileModifiedEvent.__name__, "/i/b.jpg"), (FileCreatedEvent.__name__, "/i/c.jpg"),
-        (DirCreatedEvent.__name__, "/i/new")])
-    assert sorted((type(e).__name__, e.src_path) for e in listing_changes(after, before)
-                  if isinstance(e, (FileDeletedEvent, DirDeletedEvent))) == [
-        (DirDeletedEvent.__name__, "/i/new"), (FileDeletedEvent.__name__, "/i/c.jpg")]
+def test_listing_changes_by_table():
+    before = {"/i/a.jpg": False, "/i/b.jpg": False, "/i/album": True, "/i/old": True}
+    after = {"/i/a.jpg": False, "/i/album": True, "/i/c.jpg": False, "/i/new": True}
+    assert sorted((type(e).__name__, e.src_path) for e in listing_changes(before, after)) == sorted([
+        (FileCreatedEvent.__name__, "/i/c.jpg"), (DirCreatedEvent.__name__, "/i/new"),
+        (FileDeletedEvent.__name__, "/i/b.jpg"), (DirDeletedEvent.__name__, "/i/old")])
+    assert listing_changes(after, after) == []
 
 
 def test_list_tree_lists_below_without_following_links_or_entering_hidden_folders(tmp_path):
