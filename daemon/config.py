@@ -192,6 +192,9 @@ class WatchConfig:
 @dataclass(frozen=True)
 class PreflightConfig:
     max_pixels: int = field(default=50_000_000, metadata=_range(1, 2_000_000_000))
+    max_decode_mb: int = field(default=256, metadata=_range(16, 1_048_576))
+    """MiB that full-size decodes (conversions, output work) may hold at once; more wait their turn.
+    One decode larger than this still runs, alone. Must match daemon.memory.DEFAULT_MAX_DECODE_MB."""
 
 
 C2PA_KEY_CREDENTIAL = "c2pa_private_key"

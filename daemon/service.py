@@ -18,7 +18,7 @@ from typing import Any
 
 import structlog
 
-from . import __version__
+from . import __version__, memory
 from .api import ApiClient
 from .config import Config, ConfigError, LoggingConfig, Secret, load_config, resolve_api_key, resolve_c2pa_key
 from .hosting import HostingAdapter, HostingError, create_adapter
@@ -159,6 +159,7 @@ class Service:
         except ConfigError as exc:
             raise StartupError(str(exc)) from None
         prepare_folders(config)
+        memory.configure(config.preflight.max_decode_mb)
         self._take_lock()
         try:
             self.journal = Journal(journal_path(config))
@@ -245,6 +246,7 @@ class Service:
         key_changed = key != self.api_key
         self.config = applied
         self.scheduler.ctx.config = applied  # stages and the scheduler read it afresh for each job
+        memory.configure(applied.preflight.max_decode_mb)
         self.scheduler.ctx.c2pa_key = c2pa_key
         self.api_key = key
         self.scheduler.ctx.api.set_key(key)

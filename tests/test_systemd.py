@@ -319,7 +319,9 @@ def test_the_units_speak_notify_reload_by_sighup_and_outwait_the_shutdown(unit):
     settings = dict(line.split("=", 1) for line in text.splitlines() if re.match(r"^[A-Z]\w+=", line))
     assert settings["Type"] == "notify" and settings["NotifyAccess"] == "main" and int(settings["WatchdogSec"]) > 0
     assert settings["ExecReload"] == "/bin/kill -HUP $MAINPID"
-    assert settings["LoadCredential"].startswith("api_key:") and "Environment" not in settings
+    assert settings["LoadCredential"].startswith("api_key:")
+    environment = [line.split("=", 1)[1] for line in text.splitlines() if line.startswith("Environment=")]
+    assert all(v.startswith("MALLOC_") for line in environment for v in line.split()), "the key never as one"
     shutdown_default = Config.__dataclass_fields__["shutdown_timeout"].default
     assert int(settings["TimeoutStopSec"]) > shutdown_default + 5
 

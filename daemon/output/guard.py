@@ -39,6 +39,8 @@ COMPARE_BLUR = 1.0
 """Both sides are blurred this much (pixels) first: resampling loses the finest grain, a face is larger."""
 UNCHANGED_TOLERANCE = 2
 """A region is unchanged when its mean luminance difference is at most this many levels (0-255)."""
+RESTORE_ROWS = 64
+"""Rows of the result restored at a time (see `restore_tone`): a few MB of intermediates for a 35 Mpx result."""
 GRAYSCALE_SETTINGS = ("auto", "off")
 GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 
@@ -173,36 +175,47 @@ def luminance(image: Image.Image) -> Image.Image:
     return colour_only(image).convert("L")
 
 
-def restore_tone(scan: Image.Image, result: Image.Image, tone: Tone) -> Image.Image:
+def restore_tone(scan: Image.Image, result: Image.Image, tone: Tone, *, in_place: bool = False) -> Image.Image:
     """The result without the colour the model invented; a colour scan's result is returned as it is.
 
     gray: the result's luminance, as L when the scan is L (so a grey ICC profile still fits), else
     as RGB with R=G=B. toned: the result's luminance with the scan's own colour, upsampled.
-    The result's alpha band, if any, is kept.
+    The result's alpha band, if any, is kept. Made RESTORE_ROWS rows at a time: the steps'
+    full-size intermediates would triple the memory of a large result. `in_place`: written over
+    the result itself where the mode allows (the caller's own decode, not looked at again).
     """
     if tone == "color":
         return result
     result = eight_bit(result)
-    alpha = result.getchannel("A") if result.mode in ("RGBA", "LA") else None
-    luma = luminance(result)
-    if tone == "gray":
-        restored = luma if scan.mode in GRAY_MODES else Image.merge("RGB", (luma, luma, luma))
-    else:
-        _, cb, cr = colour_only(scan).convert("RGB").convert("YCbCr").split()
-        # Only the two colour bands are upsampled: a tone varies slowly, and this is the costly step.
-        cb, cr = (band.resize(result.size, Image.BILINEAR) for band in (cb, cr))
-        restored = Image.merge("YCbCr", (luma, cb, cr)).convert("RGB")
-    if alpha is not None:
-        restored = restored.copy()
-        restored.putalpha(alpha)
+    alpha = result.mode in ("RGBA", "LA")
+    grey = tone == "gray" and scan.mode in GRAY_MODES
+    mode = ("LA" if alpha else "L") if grey else ("RGBA" if alpha else "RGB")
+    restored = result if in_place and result.mode == mode else Image.new(mode, result.size)
+    # Only the two colour bands are upsampled: a tone varies slowly, and this is the costly step.
+    colour = colour_only(scan).convert("RGB").convert("YCbCr").split()[1:] if tone == "toned" else ()
+    width, height = result.size
+    for top in range(0, height, RESTORE_ROWS):
+        box = (0, top, width, min(height, top + RESTORE_ROWS))
+        rows = result.crop(box)
+        luma = luminance(rows)
+        if tone == "gray":
+            made = luma if grey else Image.merge("RGB", (luma, luma, luma))
+        else:  # each strip resampled from the whole band in the full image's geometry: no seams
+            cb, cr = (band.resize(rows.size, Image.BILINEAR,
+                                  box=(0, top * band.height / height, band.width, box[3] * band.height / height))
+                      for band in colour)
+            made = Image.merge("YCbCr", (luma, cb, cr)).convert("RGB")
+        if alpha:
+            made.putalpha(rows.getchannel("A"))
+        restored.paste(made, box)
     return restored
 
 
-def judge(scan: Image.Image, result: Image.Image, *, grayscale: str) -> GuardVerdict:
+def judge(scan: Image.Image, result: Image.Image, *, grayscale: str, in_place: bool = False) -> GuardVerdict:
     """Every check in order: a blank result is never delivered; unchanged is flagged; tone restored.
 
     `grayscale` is the output.grayscale setting: "auto" restores a gray or toned scan's tone, "off"
-    delivers the model's colours as they came.
+    delivers the model's colours as they came. `in_place`: see `restore_tone`.
     """
     if grayscale not in GRAYSCALE_SETTINGS:
         raise ValueError(f"grayscale must be one of {', '.join(GRAYSCALE_SETTINGS)}, not {grayscale!r}")
@@ -210,5 +223,5 @@ def judge(scan: Image.Image, result: Image.Image, *, grayscale: str) -> GuardVer
     if is_blank(result):
         return GuardVerdict(blank=True, unchanged=False, tone=tone, image=None)
     unchanged = is_unchanged(scan, result)
-    image = restore_tone(scan, result, tone) if grayscale == "auto" else result
+    image = restore_tone(scan, result, tone, in_place=in_place) if grayscale == "auto" else result
     return GuardVerdict(blank=False, unchanged=unchanged, tone=tone, image=image)
