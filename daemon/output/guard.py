@@ -18,7 +18,10 @@ from PIL import Image, ImageChops, ImageFilter, ImageStat
 Tone = Literal["color", "gray", "toned"]
 
 SAMPLE_SIDE = 256
-"""Tone and blankness are judged on a copy at most this long on its long side: they are global facts."""
+"""Blankness is judged on a copy at most this long on its long side: it is a global fact."""
+CHROMA_SIDE = 128
+"""Tone is judged on a copy at most this long: its distinct colours are counted one by one, and a
+print's tone is the same at any size."""
 GRAY_MAX_CHROMA = 4.0
 """A neutral scan: 99% of its pixels are within this chroma (distance from grey in Cb/Cr, 0-181)."""
 TONED_MAX_CHROMA = 32.0
@@ -107,7 +110,7 @@ def fit(size: tuple[int, int], side: int) -> tuple[int, int]:
 
 def chroma_profile(image: Image.Image) -> ChromaProfile:
     """The chroma statistics of an RGB image, on a small copy, counted per distinct (Cb, Cr) pair."""
-    _, cb, cr = sample(image).convert("RGB").convert("YCbCr").split()
+    _, cb, cr = sample(image, CHROMA_SIDE).convert("RGB").convert("YCbCr").split()
     # Pillow counts the distinct pairs in C; there are a few thousand at most, cheap to sort here.
     pairs = Image.merge("LA", (cb, cr)).getcolors(256 * 256) or []
     total = sum(n for n, _ in pairs)
