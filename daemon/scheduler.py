@@ -55,10 +55,10 @@ RESULTS_WAITING_AT_MOST = 2
 """Submits wait while this many times `api.max_in_flight` finished results wait for their delivery:
 a fast provider must not run ahead of a slow station until its result links expire."""
 
-DOWNLOADS_AT_ONCE = max(1, (os.cpu_count() or 2) - 1)
-"""Deliveries (download, decode, guard, encode) running at once: one core is always left for the
-submits, polls and the loop, so a burst of completions never delays refilling the provider's
-slots. Their image work is CPU-bound, so more at once than cores would not finish sooner."""
+DOWNLOADS_AT_ONCE = max(2, os.cpu_count() or 2)
+"""Deliveries (download, decode, guard, encode) running at once: their image work is CPU-bound, so
+more than the cores would not finish sooner, only hold more images in memory (the decode budget
+bounds the large ones). They run apart from the polls and submits, which never wait behind them."""
 
 HEARTBEAT_SECONDS = 2.0
 
