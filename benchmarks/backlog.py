@@ -39,7 +39,7 @@ if str(PROJECT_ROOT) not in sys.path:  # run as a script from a checkout, not on
 
 # The daemon-process helpers of the throughput benchmark, beside this file.
 from throughput import (LOOPBACK, BenchmarkError, cpu_seconds, epoch, free_port, log_tail,  # noqa: E402
-                        peak_rss_mib, read_log, start_daemon, stop_daemon)
+                        peak_rss_mib, read_log, start_daemon, station_folders, stop_daemon)
 
 from daemon.demo import make_photo  # noqa: E402
 from daemon.emulator import GatewayEmulator  # noqa: E402
@@ -117,12 +117,8 @@ def fill_inbox(inbox: Path, count: int) -> None:
 
 
 def write_config(root: Path, emulator: GatewayEmulator, args: argparse.Namespace) -> Path:
-    folders = {name: root / name for name in ("inbox", "outbox", "archive", "failed", "state")}
-    for folder in folders.values():
-        folder.mkdir(exist_ok=True)
     config = {
-        "folders": {name: str(folders[name]) for name in ("inbox", "outbox", "archive", "failed")},
-        "state_dir": str(folders["state"]),
+        **station_folders(root),
         "api": {"base_url": emulator.base_url, "status_url": emulator.status_url,
                 "max_in_flight": args.max_in_flight, "poll_interval": args.poll_interval, "job_timeout": 600},
         "hosting": {"adapter": "builtin", "builtin": {"listen": f"{LOOPBACK}:{free_port()}"}},

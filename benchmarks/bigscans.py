@@ -48,7 +48,7 @@ from daemon.demo import make_photo  # noqa: E402
 from daemon.emulator import GatewayEmulator  # noqa: E402
 # The daemon-process helpers of the throughput benchmark, beside this file.
 from throughput import (LOOPBACK, BenchmarkError, cpu_seconds, free_port, log_tail, loopback_only_env,  # noqa: E402
-                        peak_rss_mib, read_log, stop_daemon, wait_for_ready)
+                        peak_rss_mib, read_log, station_folders, stop_daemon, wait_for_ready)
 
 SCANS = (
     ("scan-1.jpg", (7000, 5000), "jpeg"),
@@ -163,12 +163,8 @@ def make_scans(folder: Path) -> list[Path]:
 
 
 def write_config(root: Path, emulator: GatewayEmulator, max_decode_mb: int | None) -> Path:
-    folders = {name: root / name for name in ("inbox", "outbox", "archive", "failed", "state")}
-    for folder in folders.values():
-        folder.mkdir()
     config: dict[str, Any] = {
-        "folders": {name: str(folders[name]) for name in ("inbox", "outbox", "archive", "failed")},
-        "state_dir": str(folders["state"]),
+        **station_folders(root),
         "api": {"base_url": emulator.base_url, "status_url": emulator.status_url,
                 "max_in_flight": MAX_IN_FLIGHT, "poll_interval": 0.25, "job_timeout": COMPLETION_TIMEOUT},
         "restore": {"upscale": 1},

@@ -47,7 +47,7 @@ for entry in (str(PROJECT_ROOT), str(BENCHMARKS)):  # run as a script from a che
 
 from daemon.emulator import GatewayEmulator  # noqa: E402
 from throughput import (LOOPBACK, BenchmarkError, free_port, log_tail, loopback_only_env,  # noqa: E402
-                        stop_daemon, wait_for_ready)
+                        station_folders, stop_daemon, wait_for_ready)
 
 TARGET_CPU_PERCENT = 0.05
 TARGET_WAKEUPS_PER_SECOND = 2.0
@@ -111,12 +111,8 @@ class IdleResult:
 
 def write_config(root: Path, emulator: GatewayEmulator) -> Path:
     """A station's configuration: the built-in host, the watch section's defaults, info logging."""
-    folders = {name: root / name for name in ("inbox", "outbox", "archive", "failed", "state")}
-    for folder in folders.values():
-        folder.mkdir()
     config = {
-        "folders": {name: str(folders[name]) for name in ("inbox", "outbox", "archive", "failed")},
-        "state_dir": str(folders["state"]),
+        **station_folders(root),
         "api": {"base_url": emulator.base_url, "status_url": emulator.status_url},
         "hosting": {"adapter": "builtin", "builtin": {"listen": f"{LOOPBACK}:{free_port()}"}},
         "logging": {"format": "json", "level": "info"},

@@ -44,6 +44,7 @@ from daemon.journal import Journal, JobState  # noqa: E402
 from daemon.observers import polling_interval  # noqa: E402
 from daemon.scheduler import Scheduler  # noqa: E402
 from daemon.service import JOURNAL_NAME, Service  # noqa: E402
+from throughput import station_folders  # noqa: E402
 
 TARGET_CPU_PER_WALK = 0.3
 TARGET_SHARE_OF_CORE = 0.10
@@ -149,12 +150,8 @@ def fill_journal(path: Path, with_jobs: list[tuple[str, int, int]], archived: in
 
 
 def config_for(root: Path, settle: float) -> Any:
-    folders = {name: root / name for name in ("inbox", "outbox", "archive", "failed", "state")}
-    for folder in folders.values():
-        folder.mkdir(exist_ok=True)
     return config_from_mapping({
-        "folders": {name: str(folders[name]) for name in ("inbox", "outbox", "archive", "failed")},
-        "state_dir": str(folders["state"]),
+        **station_folders(root),
         "api": {"base_url": "http://127.0.0.1:9/", "status_url": "http://127.0.0.1:9/status"},  # never called
         "hosting": {"adapter": "builtin", "builtin": {"listen": "127.0.0.1:0"}},
         "watch": {"mode": "polling", "settle_seconds": settle, "rescan_seconds": NO_PERIODIC_RESCAN},

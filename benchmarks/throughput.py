@@ -121,13 +121,18 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def write_config(root: Path, emulator: GatewayEmulator, args: argparse.Namespace) -> Path:
+def station_folders(root: Path) -> dict[str, Any]:
+    """The `folders` and `state_dir` sections of a benchmark station, each folder made under `root`."""
     folders = {name: root / name for name in ("inbox", "outbox", "archive", "failed", "state")}
     for folder in folders.values():
-        folder.mkdir()
+        folder.mkdir(exist_ok=True)
+    return {"folders": {name: str(folders[name]) for name in ("inbox", "outbox", "archive", "failed")},
+            "state_dir": str(folders["state"])}
+
+
+def write_config(root: Path, emulator: GatewayEmulator, args: argparse.Namespace) -> Path:
     config = {
-        "folders": {name: str(folders[name]) for name in ("inbox", "outbox", "archive", "failed")},
-        "state_dir": str(folders["state"]),
+        **station_folders(root),
         "api": {"base_url": emulator.base_url, "status_url": emulator.status_url,
                 "max_in_flight": args.max_in_flight, "poll_interval": args.poll_interval,
                 "job_timeout": 120},
