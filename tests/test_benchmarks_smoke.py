@@ -67,10 +67,10 @@ def test_backlog_by_default_stops_after_a_window_of_delivery() -> None:
 
 
 def test_sharewalk_counts_walks_and_times_a_rescan() -> None:
-    report = run_benchmark("sharewalk.py", "--files", "300", "--archived", "300", "--settle", "0.5",
+    report = run_benchmark("sharewalk.py", "--files", "3000", "--archived", "3000", "--settle", "0.5",
                            "--seconds", "2", "--max-seconds", "20", "--rescans", "1")
     result = report["result"]
-    assert result["observer"] == "polling" and result["files"] == 300 and result["with_jobs"] == 270
+    assert result["observer"] == "polling" and result["files"] == 3000 and result["with_jobs"] == 2700
     assert result["walks"] >= 3  # a walk every 0.25 s; the window waits for three whole ones
     for key in ("walk_cpu_seconds", "walk_wall_seconds", "walk_period_seconds", "walk_share_of_core",
                 "walk_share_at_interval", "rescan_cpu_seconds", "rescan_wall_seconds", "share_of_core"):
