@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, field
 
-from .api import SubmitAnswer, SubmitVerdict
+from .api import PollAnswer, PollVerdict, SubmitAnswer, SubmitVerdict
 
 PREDICTION_MARGIN = 0.02
 """Seconds after a job's predicted completion at which to look (covers timer and network jitter)."""
@@ -146,6 +147,101 @@ def overdue_reason(submitted_at: float, evidence: PollEvidence, job_timeout: flo
                 f"api.job_timeout ({job_timeout:g} s; it may have been paid); last answer: "
                 f"{evidence.unusable_message}")
     return None
+
+
+@dataclass
+class _Followed:
+    """One job in flight, as the poll plan follows it."""
+
+    sent_at: float | None
+    next_poll: float
+    webhook: bool = False
+    called_back: bool = False
+    evidence: PollEvidence = field(default_factory=PollEvidence)
+
+
+class PollPlan:
+    """When each job in flight is polled next, what its polls have heard, and whether webhook calls
+    arrive. Bookkeeping over the scheduler's clock only; the scheduler polls, logs and gives up jobs.
+
+    A job submitted with a webhook is polled when its call comes, plus `next_safety_poll`s; once a
+    job finishes without its call, webhooks are taken as not arriving and every job is polled at
+    the usual pace (`next_poll_time`) until a call comes again.
+    """
+
+    def __init__(self, interval: float, job_timeout: float) -> None:
+        self.interval = interval
+        self.job_timeout = job_timeout
+        self.expected: float | None = None
+        """The provider's typical processing time, learnt from its completed answers."""
+        self.webhooks_arrive = True
+        self._jobs: dict[int, _Followed] = {}
+        self._heard: set[int] = set()
+
+    def _poll_time(self, job: _Followed, now: float) -> float:
+        """A safety net while the job's call is expected; the usual pace otherwise (also once the call
+        came: the job has changed, and an unusable answer is asked again soon)."""
+        if job.webhook and self.webhooks_arrive and not job.called_back:
+            return next_safety_poll(now, job.sent_at, self.interval, self.expected, self.job_timeout)
+        return next_poll_time(now, job.sent_at, self.interval, self.expected)
+
+    def submitted(self, job_id: int, sent_at: float, now: float, *, webhook: bool) -> None:
+        job = self._jobs[job_id] = _Followed(sent_at, now, webhook=webhook)
+        job.next_poll = self._poll_time(job, now)
+
+    def called_back(self, job_id: int, now: float) -> bool:
+        """The job's webhook call came: poll it now. True when calls arrive again after they had not."""
+        job = self._jobs.setdefault(job_id, _Followed(None, now))
+        job.called_back, job.next_poll = True, now
+        regained, self.webhooks_arrive = not self.webhooks_arrive, True
+        return regained
+
+    def heard(self, job_id: int, answer: PollAnswer, now: float, wall: float) -> bool:
+        """Record one poll's answer and plan the next. True when it shows that webhook calls do not
+        arrive (a job finished without its call), the first time only."""
+        if answer.verdict is PollVerdict.COMPLETED and answer.provider_seconds is not None:
+            sample = answer.provider_seconds
+            self.expected = sample if self.expected is None else 0.8 * self.expected + 0.2 * sample
+        job = self._jobs.setdefault(job_id, _Followed(None, now))
+        if answer.verdict is not PollVerdict.AUTH:
+            self._heard.add(job_id)
+            job.evidence.heard(answer.http_status, usable=answer.verdict is not PollVerdict.RETRY,
+                               waiting=answer.verdict is PollVerdict.WAITING, message=answer.message, now=wall)
+        if answer.verdict in (PollVerdict.WAITING, PollVerdict.RETRY, PollVerdict.AUTH):
+            job.next_poll = max(now + (answer.retry_after or 0.0), self._poll_time(job, now))
+            return False
+        del self._jobs[job_id]  # finished at the provider (or failed there): nothing more to poll
+        if job.webhook and not job.called_back and self.webhooks_arrive:
+            self.webhooks_arrive = False
+            for other in self._jobs.values():
+                other.next_poll = min(other.next_poll, self._poll_time(other, now))
+            return True
+        return False
+
+    def due(self, job_ids: Iterable[int], now: float) -> list[int]:
+        """Of these submitted jobs (none of them being polled now), those to poll now. A job the plan
+        does not know (submitted before a restart) is due at once."""
+        return [job_id for job_id in job_ids
+                if self._jobs.setdefault(job_id, _Followed(None, now)).next_poll <= now]
+
+    def keep_only(self, job_ids: Collection[int]) -> None:
+        """Forget the jobs no longer submitted (done, failed, timed out) or being polled."""
+        for job_id in [j for j in self._jobs if j not in job_ids]:
+            del self._jobs[job_id]
+
+    def next_time(self, skip: Collection[int]) -> float | None:
+        """The earliest poll due among the jobs not in `skip` (those being polled now)."""
+        times = [job.next_poll for job_id, job in self._jobs.items() if job_id not in skip]
+        return min(times) if times else None
+
+    def take_heard(self) -> dict[int, PollEvidence]:
+        """The jobs polled since the last call, with their evidence (for giving a job up)."""
+        heard, self._heard = self._heard, set()
+        return {job_id: self._jobs[job_id].evidence for job_id in heard if job_id in self._jobs}
+
+    def hear_again(self, job_id: int) -> None:
+        """Ask `take_heard` about this job once more (it was busy when asked)."""
+        self._heard.add(job_id)
 
 
 def full_jitter(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:

@@ -22,8 +22,7 @@ import structlog
 from . import recovery, retry, stages
 from .api import PollVerdict, SubmitVerdict
 from .journal import FINAL_STATES, IN_FLIGHT_STATES, Job, JobState, StaleTransition, heartbeat_file
-from .pacing import (NO_BALANCE, PollEvidence, SubmitGate, full_jitter, next_poll_time, next_safety_poll,
-                     overdue_reason)
+from .pacing import NO_BALANCE, PollPlan, SubmitGate, full_jitter, overdue_reason
 from .watcher import InboxWatcher
 
 log = structlog.get_logger("daemon.scheduler")
@@ -121,20 +120,9 @@ class Scheduler:
         self._reload_requested = False
         self._finished: queue.SimpleQueue[_Running] = queue.SimpleQueue()
         self._running: dict[int, _Running] = {}
-        self._next_poll: dict[int, float] = {}
-        self._submitted_clock: dict[int, float] = {}
-        self._evidence: dict[int, PollEvidence] = {}
-        """What each job's polls have heard (wall time): the evidence for giving a job up."""
-        self._webhooked: set[int] = set()
-        """Jobs submitted in this run with a webhook: polled only as a safety net while calls arrive."""
-        self._called_back: set[int] = set()
-        """Jobs whose webhook call has arrived."""
-        self._heard_since: set[int] = set()
-        """Jobs polled since `fail_overdue_jobs` last looked at them."""
+        self.polls = PollPlan(self.poll_interval, self.job_timeout)
+        """When each job in flight is polled next, and what its polls have heard."""
         self._next_retry_check = 0.0
-        self.webhooks_arrive = True
-        """False once a job finished without its call (the provider cannot reach us): poll as usual."""
-        self._expected: float | None = None
         self._next_heartbeat = 0.0
         self._stage_errors: dict[int, int] = {}
         self.last_pass = clock()
@@ -250,36 +238,8 @@ class Scheduler:
         answer = outcome.submit
         if answer.verdict is SubmitVerdict.ACCEPTED:
             sent_at = outcome.sent_at if outcome.sent_at is not None else now
-            self._submitted_clock[outcome.job_id] = sent_at
-            if outcome.webhook:
-                self._webhooked.add(outcome.job_id)
-            self._next_poll[outcome.job_id] = self._poll_time(outcome.job_id, now)
+            self.polls.submitted(outcome.job_id, sent_at, now, webhook=outcome.webhook)
         self._announce(self.gate.on_submit(answer, now, outcome.sent_at), answer.message)
-
-    def _poll_time(self, job_id: int, now: float) -> float:
-        """The job's next poll: a safety net while its webhook call is expected, else the usual pace
-        (also once the call came: the job has changed, and an unusable answer is asked again soon)."""
-        sent_at = self._submitted_clock.get(job_id)
-        if job_id in self._webhooked and self.webhooks_arrive and job_id not in self._called_back:
-            return next_safety_poll(now, sent_at, self.poll_interval, self._expected, self.job_timeout)
-        return next_poll_time(now, sent_at, self.poll_interval, self._expected)
-
-    def _webhook_missed(self, job_id: int, now: float) -> None:
-        """A job finished and no call came: the provider cannot reach the webhook. Poll as usual."""
-        if not self.webhooks_arrive:
-            return
-        self.webhooks_arrive = False
-        log.warning("webhook.not_arriving", job_id=job_id,
-                    detail="a job finished without its webhook call (is hosting.builtin.public_url reachable "
-                           "from the provider?); polling every job at api.poll_interval until a call arrives")
-        for other in self._webhooked & set(self._next_poll):
-            self._next_poll[other] = min(self._next_poll[other], self._poll_time(other, now))
-
-    def _webhook_arrived(self, job_id: int) -> None:
-        self._called_back.add(job_id)
-        if not self.webhooks_arrive:
-            self.webhooks_arrive = True
-            log.info("webhook.arriving", job_id=job_id, detail="webhook calls arrive again: polls are a safety net")
 
     def _announce(self, change: str | None, detail: str) -> None:
         """Say what the gate's change means, once, and keep `status` in step with it."""
@@ -314,27 +274,14 @@ class Scheduler:
 
     def _on_poll(self, outcome: stages.StageOutcome, now: float) -> None:
         answer = outcome.poll
-        job_id = outcome.job_id
         if answer.verdict is PollVerdict.AUTH:
             self._announce(self.gate.on_key_rejected_by_poll(answer.message, now), answer.message)
         elif answer.http_status == 200:
             self._announce(self.gate.on_key_accepted_by_poll(), "")
-        if answer.verdict is PollVerdict.COMPLETED and answer.provider_seconds is not None:
-            sample = answer.provider_seconds
-            self._expected = sample if self._expected is None else 0.8 * self._expected + 0.2 * sample
-        if answer.verdict is not PollVerdict.AUTH:
-            self._heard_since.add(job_id)
-            self._evidence.setdefault(job_id, PollEvidence()).heard(
-                answer.http_status, usable=answer.verdict is not PollVerdict.RETRY,
-                waiting=answer.verdict is PollVerdict.WAITING, message=answer.message, now=self.ctx.wall())
-        if answer.verdict in (PollVerdict.WAITING, PollVerdict.RETRY, PollVerdict.AUTH):
-            delay_floor = answer.retry_after or 0.0
-            self._next_poll[job_id] = max(now + delay_floor, self._poll_time(job_id, now))
-        else:
-            if job_id in self._webhooked and job_id not in self._called_back:
-                self._webhook_missed(job_id, now)
-            self._next_poll.pop(job_id, None)
-            self._submitted_clock.pop(job_id, None)
+        if self.polls.heard(outcome.job_id, answer, now, self.ctx.wall()):
+            log.warning("webhook.not_arriving", job_id=outcome.job_id,
+                        detail="a job finished without its webhook call (is hosting.builtin.public_url reachable "
+                               "from the provider?); polling every job at api.poll_interval until a call arrives")
 
     _inbox_state_recorded: str | None = "(nothing recorded yet)"
     """What `watch_inbox` last wrote for `status`; this class default makes the first pass write it."""
@@ -400,11 +347,9 @@ class Scheduler:
         paid for: it is polled first.
         """
         # A verdict changes only with what a poll heard: only the jobs polled since are looked at.
-        heard, self._heard_since = self._heard_since, set()
-        for job_id in heard:
-            evidence = self._evidence.get(job_id)
-            if job_id in self._running or evidence is None:
-                self._heard_since.add(job_id)  # looked at once its stage is back
+        for job_id, evidence in self.polls.take_heard().items():
+            if job_id in self._running:
+                self.polls.hear_again(job_id)  # looked at once its stage is back
                 continue
             job = self.ctx.journal.get(job_id)
             if job is None or job.state is not JobState.SUBMITTED or job.submitted_at is None:
@@ -479,25 +424,13 @@ class Scheduler:
                 job_id = self._poll_requests.get_nowait()
             except queue.Empty:
                 break
-            if job_id in submitted:
-                self._next_poll[job_id] = now
-                self._webhook_arrived(job_id)
-        for job_id in [j for j in self._next_poll if j not in submitted]:  # timed out, failed, done
-            self._next_poll.pop(job_id, None)
-            self._submitted_clock.pop(job_id, None)
-        followed = submitted | self._running.keys()  # a running poll reports back after its job moved on
-        self._webhooked &= followed
-        self._called_back &= followed
-        for job_id in [j for j in self._evidence if j not in submitted]:
-            del self._evidence[job_id]
-        for job_id in submitted:
-            if job_id in self._running:
-                continue
-            due = self._next_poll.setdefault(job_id, now)
-            if due <= now:
-                job = self.ctx.journal.get(job_id)
-                if job is not None and job.state is JobState.SUBMITTED:
-                    self._dispatch(job, "poll", stages.poll)
+            if job_id in submitted and self.polls.called_back(job_id, now):
+                log.info("webhook.arriving", job_id=job_id, detail="webhook calls arrive again: polls are a safety net")
+        self.polls.keep_only(submitted | self._running.keys())  # a running poll reports back after its job moved on
+        for job_id in self.polls.due([j for j in submitted if j not in self._running], now):
+            job = self.ctx.journal.get(job_id)
+            if job is not None and job.state is JobState.SUBMITTED:
+                self._dispatch(job, "poll", stages.poll)
 
     def start_finishing(self) -> None:
         """Jobs past the provider: download (after any backoff), archive, or move to failed/.
@@ -542,7 +475,9 @@ class Scheduler:
     def sleep_until_due(self) -> None:
         now = self.clock()
         deadlines = [now + MAX_SLEEP, self.watcher.next_deadline()]
-        deadlines += [t for j, t in self._next_poll.items() if j not in self._running]
+        next_poll = self.polls.next_time(self._running.keys())
+        if next_poll is not None:
+            deadlines.append(next_poll)
         gate_opens = self.gate.wake_at(now)
         if gate_opens is not None:
             deadlines.append(gate_opens)

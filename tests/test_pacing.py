@@ -6,8 +6,9 @@ import random
 
 import pytest
 
-from daemon.api import SubmitAnswer, SubmitVerdict
-from daemon.pacing import KEY_REJECTED, NO_BALANCE, SubmitGate, full_jitter, next_poll_time
+from daemon.api import PollAnswer, PollVerdict, SubmitAnswer, SubmitVerdict
+from daemon.pacing import (FIRST_SAFETY_POLL, KEY_REJECTED, NO_BALANCE, PollPlan, SubmitGate, full_jitter,
+                           next_poll_time)
 
 ACCEPTED = SubmitAnswer(SubmitVerdict.ACCEPTED, 202, request_id="r")
 NO_MONEY = SubmitAnswer(SubmitVerdict.NO_BALANCE, 402, message="HTTP 402: Insufficient Balance")
@@ -161,3 +162,52 @@ def test_polls_land_on_the_expected_finish_and_then_on_the_interval():
     assert next_poll_time(10.0, 9.0, 5.0, 2.0) == pytest.approx(11.02)  # the predicted finish
     assert next_poll_time(11.1, 9.0, 5.0, 2.0) == pytest.approx(11.18)  # a quick follow-up
     assert next_poll_time(20.0, 9.0, 5.0, 2.0) == 25.0  # long overdue: the plain interval
+
+
+# --------------------------------------------------------------------------- the poll plan
+
+
+def answer(verdict: PollVerdict, status: int = 200, provider_seconds: float | None = None) -> PollAnswer:
+    return PollAnswer(verdict, http_status=status, message="", provider_seconds=provider_seconds)
+
+
+def test_a_job_with_a_webhook_waits_for_its_call_then_is_polled_at_once():
+    plan = PollPlan(interval=0.25, job_timeout=600)
+    plan.submitted(1, sent_at=0.0, now=0.0, webhook=True)
+    plan.submitted(2, sent_at=0.0, now=0.0, webhook=False)
+    assert plan.due([1, 2], now=0.25) == [2]  # without a webhook: the usual pace
+    assert plan.next_time(skip=[2]) == pytest.approx(FIRST_SAFETY_POLL)  # nothing learnt yet: a safety poll
+    assert plan.called_back(1, now=0.4) is False  # calls were arriving all along
+    assert plan.due([1], now=0.4) == [1]
+    plan.heard(1, answer(PollVerdict.WAITING), now=0.5, wall=100.0)
+    assert plan.next_time(skip=[2]) == pytest.approx(0.75)  # its call came: the usual pace until it resolves
+
+
+def test_a_job_finished_without_its_call_puts_every_job_back_on_the_usual_pace_once():
+    plan = PollPlan(interval=0.25, job_timeout=600)
+    for job_id in (1, 2):
+        plan.submitted(job_id, sent_at=0.0, now=0.0, webhook=True)
+    assert plan.due([1, 2], now=1.0) == []
+    assert plan.heard(1, answer(PollVerdict.COMPLETED, provider_seconds=1.0), now=FIRST_SAFETY_POLL,
+                      wall=100.0) is True  # found finished by a safety poll: no call came
+    assert plan.webhooks_arrive is False and plan.expected == 1.0
+    assert plan.due([2], now=FIRST_SAFETY_POLL) == [2]  # no longer waits for a call
+    assert plan.heard(2, answer(PollVerdict.COMPLETED), now=FIRST_SAFETY_POLL, wall=100.0) is False  # said once
+    plan.submitted(3, sent_at=20.0, now=20.0, webhook=True)
+    assert plan.next_time(skip=()) <= 20.0 + 1.0 + 0.02  # plain polling around its predicted finish
+    assert plan.called_back(3, now=20.5) is True and plan.webhooks_arrive  # calls arrive again: say so
+
+
+def test_the_plan_hands_over_what_polls_heard_and_forgets_jobs_no_longer_followed():
+    plan = PollPlan(interval=0.25, job_timeout=600)
+    plan.submitted(1, sent_at=0.0, now=0.0, webhook=False)
+    assert plan.due([7], now=1.0) == [7]  # submitted before a restart: polled at once
+    plan.heard(1, answer(PollVerdict.WAITING), now=1.0, wall=50.0)
+    plan.heard(7, answer(PollVerdict.RETRY, status=404), now=1.0, wall=50.0)
+    heard = plan.take_heard()
+    assert heard[1].still_waiting_at == 50.0 and heard[7].unusable_status == 404
+    assert plan.take_heard() == {}
+    plan.hear_again(7)
+    assert list(plan.take_heard()) == [7]
+    plan.keep_only([1])
+    assert plan.due([1, 7], now=2.0) == [1, 7] and plan.next_time(skip=[1, 7]) is None
