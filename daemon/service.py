@@ -214,7 +214,7 @@ class Service:
             self.scheduler.request_stop()
 
     def request_reload(self) -> None:
-        """For the SIGHUP handler: only sets a flag (no locks); the loop reloads within half a second."""
+        """For the SIGHUP handler: only sets a flag (no locks); the signal wakes the loop, which reloads at once."""
         if self.scheduler is not None:
             self.scheduler.request_reload()
 
