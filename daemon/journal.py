@@ -334,22 +334,8 @@ class Journal:
 
     def add_job(self, rel_path: str, size: int, mtime_ns: int, params: dict[str, Any]) -> Job | None:
         """Record a new file as PENDING; None if the path already has an unfinished job."""
-        now = self._clock()
-        with self.transaction() as cur:
-            try:
-                cur.execute(
-                    "INSERT INTO jobs(rel_path, state, size, mtime_ns, params, created_at, updated_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (rel_path, JobState.PENDING.value, size, mtime_ns, json.dumps(params, sort_keys=True),
-                     now, now),
-                )
-            except sqlite3.IntegrityError:
-                return None
-            job_id = cur.lastrowid
-            cur.execute("INSERT INTO job_events(job_id, at, from_state, to_state, detail) VALUES (?, ?, NULL, ?, ?)",
-                        (job_id, now, JobState.PENDING.value, "detected"))
-            row = cur.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return _row_to_job(row)
+        added = self.add_jobs([(rel_path, size, mtime_ns)], params)
+        return added[0] if added else None
 
     def add_jobs(self, files: list[tuple[str, int, int]], params: dict[str, Any]) -> list[Job]:
         """Record new files (rel_path, size, mtime_ns) as PENDING in one transaction: one commit for a

@@ -102,9 +102,6 @@ class SettleTracker:
         self._files.pop(rel_path, None)  # its queued deadlines go stale
         self._ripe.discard(rel_path)
 
-    def paths(self) -> list[str]:
-        return list(self._files)
-
     def _schedule(self, rel_path: str, candidate: _Candidate) -> None:
         candidate.version += 1
         self._files[rel_path] = candidate

@@ -171,12 +171,12 @@ def test_a_result_over_the_pixel_cap_is_fetched_once_and_failed_with_the_reason(
 
 
 def test_results_are_checked_against_the_cap_before_they_are_decoded(tmp_path):
-    from daemon.output.pipeline import BadResult, open_result
+    from daemon.output.pipeline import BadResult, result_header
 
     path = tmp_path / "huge.png"
     Image.new("L", (20_000, 20_000)).save(path, optimize=False, compress_level=9)  # 400 Mpx, a few hundred KB
     with pytest.raises(BadResult) as refused:
-        open_result(path, cap=1_000_000)
+        result_header(path, cap=1_000_000)
     assert not refused.value.retryable and "20000x20000" in str(refused.value)
 
 

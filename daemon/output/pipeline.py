@@ -91,13 +91,6 @@ def pixel_cap(max_pixels: int, params: dict[str, Any]) -> int:
     return max_pixels * max(1, int(upscale) if isinstance(upscale, (int, float)) else 1) ** 2
 
 
-def open_result(path: Path, cap: int) -> Image.Image:
-    """The result, fully decoded, once its header proves it within `cap`; BadResult otherwise."""
-    image = result_header(path, cap)
-    load_result(image)
-    return image
-
-
 def result_header(path: Path, cap: int) -> Image.Image:
     """The result opened (its header read, no pixel decoded) and proved within `cap`; BadResult otherwise.
 
