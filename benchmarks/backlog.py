@@ -22,7 +22,6 @@ minutes) at 10,000 files with the code of 2026-11-26, more than the few minutes 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -39,7 +38,7 @@ if str(PROJECT_ROOT) not in sys.path:  # run as a script from a checkout, not on
 
 # The daemon-process helpers of the throughput benchmark, beside this file.
 from throughput import (LOOPBACK, BenchmarkError, cpu_seconds, epoch, free_port, log_tail,  # noqa: E402
-                        peak_rss_mib, read_log, start_daemon, station_folders, stop_daemon)
+                        peak_rss_mib, read_log, report, start_daemon, station_folders, stop_daemon)
 
 from daemon.demo import make_photo  # noqa: E402
 from daemon.emulator import GatewayEmulator  # noqa: E402
@@ -361,25 +360,16 @@ def main(argv: list[str] | None = None) -> int:
         error = None if result.reached else f"{args.until} not reached within --timeout {args.timeout:g} s"
     except BenchmarkError as exc:
         result, error = None, f"the run could not complete: {exc}"
-    if args.json:
-        print(json.dumps({
-            "settings": {"files": args.files, "until": args.until, "latency": args.latency,
-                         "max_in_flight": args.max_in_flight, "provider_slots": 8,
-                         "poll_interval": args.poll_interval, "settle_seconds": args.settle,
-                         "rescan_seconds": args.rescan, "window_seconds": args.window,
-                         "scan_size": f"{SCAN_SIZE[0]}x{SCAN_SIZE[1]}",
-                         "target_first_submit_seconds": TARGET_FIRST_SUBMIT,
-                         "target_all_journalled_seconds": TARGET_ALL_JOURNALLED,
-                         "target_cpu_seconds_per_file": TARGET_CPU_PER_FILE},
-            "result": None if result is None else asdict(result),
-            "error": error,
-        }, indent=2))
-    else:
-        if result is not None:
-            print(render(result))
-        if error:
-            print(f"FAILED: {error}", file=sys.stderr)
-    return 1 if error else 0
+    settings = {"files": args.files, "until": args.until, "latency": args.latency,
+                "max_in_flight": args.max_in_flight, "provider_slots": 8,
+                "poll_interval": args.poll_interval, "settle_seconds": args.settle,
+                "rescan_seconds": args.rescan, "window_seconds": args.window,
+                "scan_size": f"{SCAN_SIZE[0]}x{SCAN_SIZE[1]}",
+                "target_first_submit_seconds": TARGET_FIRST_SUBMIT,
+                "target_all_journalled_seconds": TARGET_ALL_JOURNALLED,
+                "target_cpu_seconds_per_file": TARGET_CPU_PER_FILE}
+    return report(args.json, settings, None if result is None else asdict(result),
+                  None if result is None else render(result), error)
 
 
 if __name__ == "__main__":

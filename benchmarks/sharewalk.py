@@ -23,7 +23,6 @@ times here are a floor. It prints figures; it is not a test. Exit 1 only if a ru
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import sys
@@ -44,7 +43,7 @@ from daemon.journal import Journal, JobState  # noqa: E402
 from daemon.observers import polling_interval  # noqa: E402
 from daemon.scheduler import Scheduler  # noqa: E402
 from daemon.service import JOURNAL_NAME, Service  # noqa: E402
-from throughput import station_folders  # noqa: E402
+from throughput import report, station_folders  # noqa: E402
 
 TARGET_CPU_PER_WALK = 0.3
 TARGET_SHARE_OF_CORE = 0.10
@@ -413,24 +412,15 @@ def main(argv: list[str] | None = None) -> int:
         result, error = run(args), None
     except BenchmarkError as exc:
         result, error = None, f"the run could not complete: {exc}"
-    if args.json:
-        print(json.dumps({
-            "settings": {"files": args.files, "per_folder": args.per_folder, "with_jobs": args.with_jobs,
-                         "archived": args.archived, "settle_seconds": args.settle,
-                         "rescan_seconds": args.rescan_seconds, "seconds": args.seconds, "walks": args.walks,
-                         "rescans": args.rescans,
-                         "target_cpu_per_walk_seconds": TARGET_CPU_PER_WALK,
-                         "target_share_of_core": TARGET_SHARE_OF_CORE},
-            "result": None if result is None else {**asdict(result), "walk_passed": result.walk_passed,
-                                                   "share_passed": result.share_passed},
-            "error": error,
-        }, indent=2))
-    else:
-        if result is not None:
-            print(render(result))
-        if error:
-            print(f"FAILED: {error}", file=sys.stderr)
-    return 1 if error else 0
+    settings = {"files": args.files, "per_folder": args.per_folder, "with_jobs": args.with_jobs,
+                "archived": args.archived, "settle_seconds": args.settle,
+                "rescan_seconds": args.rescan_seconds, "seconds": args.seconds, "walks": args.walks,
+                "rescans": args.rescans,
+                "target_cpu_per_walk_seconds": TARGET_CPU_PER_WALK,
+                "target_share_of_core": TARGET_SHARE_OF_CORE}
+    result_json = None if result is None else {**asdict(result), "walk_passed": result.walk_passed,
+                                               "share_passed": result.share_passed}
+    return report(args.json, settings, result_json, None if result is None else render(result), error)
 
 
 if __name__ == "__main__":

@@ -121,6 +121,19 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def report(as_json: bool, settings: dict[str, Any], result: dict[str, Any] | None, text: str | None,
+           error: str | None) -> int:
+    """Print one run's outcome (one JSON object, or its text and any error on stderr); the exit status."""
+    if as_json:
+        print(json.dumps({"settings": settings, "result": result, "error": error}, indent=2))
+    else:
+        if text is not None:
+            print(text)
+        if error:
+            print(f"FAILED: {error}", file=sys.stderr)
+    return 1 if error else 0
+
+
 def station_folders(root: Path) -> dict[str, Any]:
     """The `folders` and `state_dir` sections of a benchmark station, each folder made under `root`."""
     folders = {name: root / name for name in ("inbox", "outbox", "archive", "failed", "state")}

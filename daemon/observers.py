@@ -16,7 +16,6 @@ import queue
 import signal
 import time
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 
 import structlog
