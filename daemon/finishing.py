@@ -47,8 +47,10 @@ def deliver(ctx: Context, job: Job) -> None:
         if made is None:
             return
         output, facts = made
-    job = ctx.journal.transition(ctx.journal.get(job.id), JobState.DELIVERING, "output written",
-                                 output_path=str(output))
+    job = ctx.journal.get(job.id)
+    # The archive name is chosen now, in the same commit: `_move_original` needs it recorded first.
+    archive_name = {} if job.final_path else {"final_path": str(free_name(ctx.folders.archive_path(job.rel_path)))}
+    job = ctx.journal.transition(job, JobState.DELIVERING, "output written", output_path=str(output), **archive_name)
     if facts is not None and facts.unchanged:
         ctx.journal.add_to_counter("unchanged_delivered")
         log.warning("job.unchanged", rel_path=job.rel_path, job_id=job.id, request_id=job.request_id,
@@ -176,7 +178,7 @@ def finish_delivery(ctx: Context, job: Job) -> None:
                     detail="left in the inbox; its new content is taken as new work")
         # A pin that is a hard link changed with it, so what the provider restored may not be the
         # content recorded: this job's result is never handed to a later twin.
-        job = ctx.journal.update(job, sha256=None)
+        job = ctx.journal.update(job, sha256=None, final_path=None)  # nothing was archived
     else:
         job = _move_original(ctx, job, source, ctx.folders.archive_path(job.rel_path))
         log.info("file.archived", rel_path=job.rel_path, job_id=job.id, archived=job.final_path)

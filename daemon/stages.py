@@ -14,6 +14,7 @@ import os
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -62,17 +63,21 @@ def launch(ctx: Context, job: Job) -> StageOutcome:
         twin = ctx.journal.find_twin(job)
         if twin is not None and twin.state is not JobState.DONE:
             return wait_for_twin(ctx, job, twin)
-    job, checked = _pinned_check(ctx, job, source)
+    checked, pinned = _pinned_check(ctx, job, source)
     if checked is None:
         return StageOutcome(job.id)
     tried_twins: set[int] = set()
-    twin = ctx.journal.find_twin(job)  # an early look, before publishing; enter_submitting is the real guard
+    # An early look, before publishing (enter_submitting is the real guard), with what the check
+    # found still in memory: a job without a twin records it with its key in one commit.
+    twin = ctx.journal.find_twin(dataclasses.replace(job, **pinned))
     if twin is not None:
+        job = ctx.journal.update(job, **pinned)
         outcome = handle_twin(ctx, job, twin, tried_twins)
         if outcome is not None:
             return outcome
+        pinned = {}
     key = new_key(".png" if checked.content_type == "image/png" else ".jpg")
-    job = ctx.journal.update(job, hosted_key=key)  # recorded before publishing: no object the journal misses
+    job = ctx.journal.update(job, **pinned, hosted_key=key)  # before publishing: no object the journal misses
     try:
         url = ctx.host.publish(key, checked.upload_path, checked.content_type)
     except HostingError as exc:
@@ -103,11 +108,12 @@ def launch(ctx: Context, job: Job) -> StageOutcome:
                         webhook=webhook is not None)
 
 
-def _pinned_check(ctx: Context, job: Job, source: Path) -> tuple[Job, PreflightResult | None]:
+def _pinned_check(ctx: Context, job: Job, source: Path) -> tuple[PreflightResult | None, dict[str, Any]]:
     """This job's pinned, checked copy: the one checked ahead if it still holds, else a fresh preflight.
 
-    Records the content's hash, size and mtime and the pin's path with the job; None when the job
-    went elsewhere (failed, vanished, or back to waiting for a scan still being written).
+    Returns it with the job columns to record (the content's hash, size and mtime, the pin's path),
+    left to the caller to commit with its next change; None when the job went elsewhere (failed,
+    vanished, or back to waiting for a scan still being written).
     """
     stat_key = size_and_mtime(source)
     checked, *checked_stat_key = ctx.prechecked.pop(job.id, (None, None, None))
@@ -115,15 +121,14 @@ def _pinned_check(ctx: Context, job: Job, source: Path) -> tuple[Job, PreflightR
         before = stat_key
         checked = _preflight(ctx, job, source)
         if checked is None:
-            return job, None
+            return None, {}
         stat_key = size_and_mtime(source)
         if stat_key != before:  # written to while it was pinned: the pin may be half of it
             _back_to_waiting(ctx, job, stat_key, "the file changed while it was being checked")
-            return job, None
+            return None, {}
     size, mtime_ns = stat_key
-    job = ctx.journal.update(job, sha256=checked.sha256, size=size, mtime_ns=mtime_ns,
-                             upload_path=str(checked.upload_path))
-    return job, checked
+    return checked, {"sha256": checked.sha256, "size": size, "mtime_ns": mtime_ns,
+                     "upload_path": str(checked.upload_path)}
 
 
 def check_ahead(ctx: Context, job: Job) -> StageOutcome:

@@ -270,3 +270,27 @@ def test_submits_wait_while_finished_results_wait_for_their_delivery(folders, em
     daemon.service.scheduler.wake.set()
     wait_for(lambda: len(list(folders["outbox"].glob("*.png"))) == 8, 60, what="all eight delivered")
     assert emulator.stats()["submits_accepted"] == 8
+
+
+COMMITS_PER_JOB = 8
+"""A restored file's journal commits from its drop to done: taken (one batch for many files), slot
+taken, checked and named for publishing, about to submit, accepted, completed, output named,
+delivered with its archive name, done. Each records what must be durable before the next step's
+side effect (a publish, a paid submit, a link into the outbox, a move into the archive)."""
+
+
+def test_a_restored_file_costs_a_bounded_number_of_journal_commits(folders, emulator, make_config, run_daemon):
+    from daemon.demo import make_photo
+
+    daemon = run_daemon(make_config(api={"poll_interval": 0.1}))
+    daemon.wait_for_passes(0.3)
+    statements: list[str] = []
+    daemon.service.journal._db.set_trace_callback(statements.append)
+    for i in range(4):
+        make_photo(folders["inbox"].parent / f"p{i}.jpg", 64, 48, seed=i)
+        (folders["inbox"].parent / f"p{i}.jpg").rename(folders["inbox"] / f"p{i}.jpg")
+    wait_for(lambda: len(list(folders["archive"].glob("*.jpg"))) == 4, 60, what="four originals archived")
+    wait_for(lambda: daemon.service.journal.count_in(JobState.DONE) == 4, 10, what="four jobs done")
+    daemon.service.journal._db.set_trace_callback(None)
+    commits = sum(s.strip().upper() == "COMMIT" for s in statements)
+    assert commits <= 4 * (COMMITS_PER_JOB + 1), f"{commits} commits for 4 files"
