@@ -9,6 +9,7 @@ never shows it.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import types
@@ -21,6 +22,8 @@ import yaml
 
 API_KEY_ENV = "CODEFORMER_API_KEY"
 API_KEY_CREDENTIAL = "api_key"
+DASHBOARD_TOKEN_CREDENTIAL = "dashboard_token"
+MIN_DASHBOARD_TOKEN_LENGTH = 16
 
 PROVIDER_BASE_URL = "https://gateway.pixazo.ai/codeformer-image-restoration/v1"
 PROVIDER_STATUS_URL = "https://gateway.pixazo.ai/v2/requests/status"
@@ -229,6 +232,18 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class DashboardConfig:
+    """The local web dashboard and its /metrics: off unless `listen` is set."""
+
+    listen: str | None = "127.0.0.1:8090"
+    token_file: Path | None = None
+    """The access token; None = the systemd credential dashboard_token, if any. Required off loopback."""
+    thumbnails: bool = True
+    """Keep small before/after previews of each job in state_dir/thumbnails for the dashboard."""
+    retention_days: float = field(default=30.0, metadata=_range(0.01, 36500))
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     format: str = field(default="auto", metadata=_choice("auto", "json", "console"))
     level: str = field(default="info", metadata=_choice("debug", "info", "warning", "error"))
@@ -245,6 +260,7 @@ class Config:
     preflight: PreflightConfig = field(default_factory=PreflightConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     shutdown_timeout: float = field(default=20.0, metadata=_range(1.0, 3600))
 
 
@@ -460,6 +476,66 @@ def resolve_c2pa_key(config: Config, environ: typing.Mapping[str, str] | None = 
                       f"credential named {C2PA_KEY_CREDENTIAL}")
 
 
+def is_loopback_listen(listen: str) -> bool:
+    """Whether a listen address only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    host, _port = parse_listen(listen, "dashboard.listen")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _validate_dashboard(config: Config) -> None:
+    """The dashboard never shares the built-in host's port, and off loopback it needs a token."""
+    dashboard = config.dashboard
+    if dashboard.listen is None:
+        return
+    host, port = parse_listen(dashboard.listen, "dashboard.listen")
+    if config.hosting.adapter == "builtin" and port != 0:
+        _host, builtin_port = parse_listen(config.hosting.builtin.listen)
+        if port == builtin_port:
+            raise ConfigError(f"dashboard.listen: port {port} is the built-in host's (hosting.builtin.listen); "
+                              "the dashboard needs a port of its own")
+    if dashboard.token_file is not None and not dashboard.token_file.is_file():
+        raise ConfigError(f"dashboard.token_file: {dashboard.token_file} does not exist or is not a file")
+
+
+def resolve_dashboard_token(config: Config, environ: typing.Mapping[str, str] | None = None) -> Secret | None:
+    """The dashboard's access token: dashboard.token_file, else $CREDENTIALS_DIRECTORY/dashboard_token.
+
+    None (no login) is allowed only on loopback; a listener other machines can reach without a
+    token is a ConfigError. A token shorter than 16 characters is refused: it would be guessable.
+    """
+    dashboard = config.dashboard
+    if dashboard.listen is None:
+        return None
+    environ = os.environ if environ is None else environ
+    source, path = None, dashboard.token_file
+    if path is not None:
+        source = f"dashboard.token_file ({path})"
+    elif environ.get("CREDENTIALS_DIRECTORY"):
+        credential = Path(environ["CREDENTIALS_DIRECTORY"]) / DASHBOARD_TOKEN_CREDENTIAL
+        if credential.is_file():
+            path, source = credential, f"the systemd credential {DASHBOARD_TOKEN_CREDENTIAL}"
+    if path is None:
+        if not is_loopback_listen(dashboard.listen):
+            raise ConfigError(f"dashboard.token_file: dashboard.listen ({dashboard.listen}) is reachable from other "
+                              f"machines, so a token is required; set dashboard.token_file or pass a systemd "
+                              f"credential named {DASHBOARD_TOKEN_CREDENTIAL}")
+        return None
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"dashboard.token_file: cannot read {path}: {exc.strerror or exc}") from None
+    if len(token) < MIN_DASHBOARD_TOKEN_LENGTH or not re.fullmatch(r"[\x21-\x7e]+", token):
+        raise ConfigError(f"dashboard.token_file: the token in {source} must be one line of at least "
+                          f"{MIN_DASHBOARD_TOKEN_LENGTH} printable characters without spaces "
+                          "(e.g. from: openssl rand -base64 24)")
+    return Secret(token, source)
+
+
 def validate(config: Config) -> None:
     """Checks that need more than one key or the file system; raise ConfigError naming the key."""
     _check_url(config.api.base_url, "api.base_url")
@@ -475,6 +551,7 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{key}: {path} does not exist or is not a file")
     _validate_hosting_adapter(config)
     _validate_c2pa(config.output.c2pa)
+    _validate_dashboard(config)
 
     inbox = config.folders.inbox
     if not inbox.is_dir():

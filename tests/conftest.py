@@ -85,6 +85,7 @@ def config_mapping(folders: dict[str, Path], emulator: GatewayEmulator, **overri
         # PNG outputs whatever the scan, its pixels exactly the provider's: the pipeline tests name their
         # outputs <stem>.png and compare pixels; tests/test_output_end_to_end.py covers formats and guard.
         "output": {"format": "png", "grayscale": "off"},
+        "dashboard": {"listen": None},  # the dashboard's tests turn it on, on a port of their own
     }
     for section, values in overrides.items():
         if isinstance(values, dict) and isinstance(data.get(section), dict):
