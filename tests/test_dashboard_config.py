@@ -61,4 +61,4 @@ def test_a_guessable_token_is_refused_without_showing_it(folders, emulator, tmp_
 
 def test_a_missing_token_file_is_named(folders, emulator, tmp_path):
     with pytest.raises(ConfigError, match=r"dashboard\.token_file: .*does not exist"):
-        build(folders, emulator, token_file=str(tmp_path / "nope"))
+        build(folders, emulator, listen="127.0.0.1:8090", token_file=str(tmp_path / "nope"))
