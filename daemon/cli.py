@@ -81,10 +81,15 @@ def render_status(summary: dict) -> str:
     lines.append(f"daemon: {'running' if running else 'not running'} (last heartbeat {_age(beat)} ago)")
     if summary["paused"]:
         lines.append(f"paused: {summary['paused']}")
+    if summary.get("oldest_pending"):
+        oldest = summary["oldest_pending"]
+        lines.append(f"oldest waiting: #{oldest['job_id']} {oldest['file']}, {_age(oldest['age_seconds'])}")
     if summary.get("inbox_unavailable"):
         lines.append(f"inbox: unavailable ({summary['inbox_unavailable']})")
     counts = {k: v for k, v in summary["counts"].items() if v}
     lines.append("jobs: " + (", ".join(f"{k} {v}" for k, v in counts.items()) or "none"))
+    if "submits_today" in summary:
+        lines.append(f"submits today: {summary['submits_today']}, this month: {summary['submits_this_month']}")
     lines.append(f"submissions spent: {summary['submissions_spent']}, duplicates skipped: "
                  f"{summary['duplicates_skipped']}, ambiguous submits found at restart: "
                  f"{summary['ambiguous_at_restart']}, delivered unchanged (no face restored): "
@@ -130,9 +135,11 @@ def _open_journal(config_path: str, *, read_only: bool):
 def cmd_status(args: argparse.Namespace) -> int:
     from .journal import JournalError
 
+    from .reports import status_report
+
     _config, journal = _open_journal(args.config, read_only=True)
     try:
-        summary = journal.summary(time.time())
+        summary = status_report(journal, time.time())
     except JournalError as exc:
         return _error(str(exc), EXIT_FAILURE)
     finally:
@@ -197,6 +204,24 @@ def _report_retries(journal, jobs) -> int:
     return code
 
 
+def cmd_pause(args: argparse.Namespace) -> int:
+    """A person pauses new submits (the running daemon follows within a second; jobs in flight finish)."""
+    from .control import pause_submits, resume_submits
+
+    _config, journal = _open_journal(args.config, read_only=False)
+    try:
+        if args.command == "pause":
+            changed = pause_submits(journal)
+            print("submits paused: files wait in the inbox; jobs already at the provider finish"
+                  if changed else "submits were already paused by a person")
+        else:
+            changed = resume_submits(journal)
+            print("submits resumed" if changed else "submits were not paused by a person")
+    finally:
+        journal.close()
+    return EXIT_OK
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     """One line per check, ok or the reason; non-zero if any failed. Nothing is submitted."""
     from .check import run_checks
@@ -257,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     again.add_argument("--all", action="store_true", help="every file in failed/ this daemon failed")
     again.add_argument("--wait", type=float, default=10.0, help=argparse.SUPPRESS)
     again.set_defaults(handler=cmd_retry)
+
+    for name, words in (("pause", "stop new submits until `resume` (jobs already at the provider finish)"),
+                        ("resume", "let submits go on after `pause`")):
+        person = commands.add_parser(name, help=words + "; works while the daemon runs")
+        person.add_argument("--config", required=True)
+        person.set_defaults(handler=cmd_pause)
 
     from . import emulator
 

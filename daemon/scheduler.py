@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from . import recovery, retry, stages
+from . import control, recovery, retry, stages
 from .api import PollVerdict, SubmitVerdict
 from .journal import FINAL_STATES, IN_FLIGHT_STATES, Job, JobState, StaleTransition, heartbeat_file
 from .pacing import NO_BALANCE, PollPlan, SubmitGate, full_jitter, overdue_reason
@@ -311,18 +311,37 @@ class Scheduler:
                     pass  # a stage moved it meanwhile: it is going on anyway
 
     def take_retry_requests(self) -> None:
-        """Failed files that `codeformer-daemon retry` asked for go back into the inbox as pending jobs.
+        """Failed files that `codeformer-daemon retry` asked for go back into the inbox as pending jobs,
+        and a person's pause or resume takes effect.
 
         Done here, on the loop's own thread before `take_new_files`, so the watcher never sees a
         returned file without its job.
         """
-        if self.stop_requested or not self.watcher.available:
-            return
         now = self.clock()
         if now < self._next_retry_check:  # asked for from another process: looked for once a second
             return
         self._next_retry_check = now + RETRY_CHECK_SECONDS
+        self._follow_person_pause()
+        if self.stop_requested or not self.watcher.available:
+            return
         retry.take_requests(self.ctx.journal, self.ctx.inbox)
+
+    paused_by_person = False
+    """A person paused submits (`codeformer-daemon pause`, the dashboard): read from the journal
+    once a second, with the retry requests. Jobs already at the provider finish meanwhile."""
+
+    def _follow_person_pause(self) -> None:
+        paused = control.paused_by_person_since(self.ctx.journal) is not None
+        if paused == self.paused_by_person:
+            return
+        self.paused_by_person = paused
+        if paused:
+            log.warning("submits.paused", reason=control.PAUSED_BY_PERSON,
+                        detail="no new submits until resumed; jobs already at the provider finish",
+                        fix="codeformer-daemon resume, or Resume on the dashboard")
+        else:
+            log.info("submits.resumed", by="a person")
+            self.wake.set()
 
     def take_new_files(self) -> None:
         """Settled files from the watcher become PENDING jobs with today's restore parameters."""
@@ -362,6 +381,8 @@ class Scheduler:
     def start_submits(self) -> None:
         """Fill free slots with the oldest pending jobs whose backoff has passed."""
         if not self.watcher.available:  # their files cannot be read: they wait, nothing is dropped
+            return
+        if self.paused_by_person:
             return
         if self.stop_requested:
             return
@@ -466,7 +487,9 @@ class Scheduler:
         """What the daemon is doing, in one line: "3 in flight, 12 queued, paused: insufficient balance"."""
         journal = self.ctx.journal
         parts = [f"{journal.count_in(*IN_FLIGHT_STATES)} in flight", f"{journal.count_in(JobState.PENDING)} queued"]
-        if self.gate.reason:
+        if self.paused_by_person:
+            parts.append(f"paused: {control.PAUSED_BY_PERSON}")
+        elif self.gate.reason:
             parts.append(f"paused: {self.gate.reason}")
         if self.watcher.unavailable_reason:
             parts.append(f"inbox unavailable: {self.watcher.unavailable_reason}")

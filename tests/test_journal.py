@@ -128,7 +128,7 @@ def test_a_version_1_journal_is_migrated_in_place_keeping_its_jobs(tmp_path):
     db.executescript(V1_SCHEMA)
     db.close()
     journal = Journal(path)
-    assert journal.get_meta("schema_version") == str(SCHEMA_VERSION) == "5"
+    assert journal.get_meta("schema_version") == str(SCHEMA_VERSION) == "6"
     [job] = journal.jobs_in(JobState.SUBMITTED)
     assert job.request_id == "req-from-v1" and job.duplicate_of is None
     journal.update(job, duplicate_of=None, sha256="abc")  # v2: the new column and index are usable
@@ -139,6 +139,10 @@ def test_a_version_1_journal_is_migrated_in_place_keeping_its_jobs(tmp_path):
     plan = journal._db.execute("EXPLAIN QUERY PLAN SELECT min(not_before) FROM jobs WHERE state = ? "
                                "AND not_before > ?", ("pending", 0.0)).fetchall()
     assert "jobs_by_state_due" in str([tuple(r) for r in plan])
+    assert journal.submits_since(0.0) == 0  # v6: the events by state and time, for the day's and month's figures
+    plan = journal._db.execute("EXPLAIN QUERY PLAN SELECT count(*) FROM job_events WHERE to_state = 'submitted' "
+                               "AND at >= ?", (0.0,)).fetchall()
+    assert "job_events_by_state_at" in str([tuple(r) for r in plan])
     journal.close()
 
 

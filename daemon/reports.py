@@ -1,0 +1,152 @@
+"""What `status`, the dashboard and /metrics show: read-only reports over the journal.
+
+One function per view, so a figure shown in two places is computed once: `status_report` is what
+`status --json` prints and what the dashboard's overview starts from. Every query is an index seek
+or a bounded scan, so a journal of 100,000 jobs answers in milliseconds.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from . import control
+from .journal import FINAL_STATES, Job, Journal, JobState
+from .retry import POSSIBLY_PAID
+
+PAGE_SIZE = 50
+LATEST_RESTORED = 8
+HOURS_CHARTED = 24
+
+
+def start_of_day(now: float) -> float:
+    """Local midnight of the day `now` falls in (the system's time zone)."""
+    t = time.localtime(now)
+    return time.mktime((t.tm_year, t.tm_mon, t.tm_mday, 0, 0, 0, 0, 0, -1))
+
+
+def start_of_month(now: float) -> float:
+    t = time.localtime(now)
+    return time.mktime((t.tm_year, t.tm_mon, 1, 0, 0, 0, 0, 0, -1))
+
+
+def status_report(journal: Journal, now: float) -> dict[str, Any]:
+    """Everything `status` shows, as plain data: the journal's summary with a person's pause, the
+    oldest waiting file and the day's and month's submits (local time)."""
+    report = journal.summary(now)
+    person = control.paused_by_person_since(journal)
+    if person is not None:
+        report["paused"] = control.PAUSED_BY_PERSON
+    report["paused_by_person_since"] = person
+    report["submits_today"] = journal.submits_since(start_of_day(now))
+    report["submits_this_month"] = journal.submits_since(start_of_month(now))
+    oldest = journal.read("SELECT id, rel_path, created_at FROM jobs INDEXED BY jobs_by_state "
+                          "WHERE state = 'pending' ORDER BY id LIMIT 1")
+    report["oldest_pending"] = ({"job_id": oldest[0]["id"], "file": oldest[0]["rel_path"],
+                                 "since": oldest[0]["created_at"],
+                                 "age_seconds": round(now - oldest[0]["created_at"], 1)} if oldest else None)
+    return report
+
+
+def restored_per_hour(journal: Journal, now: float, hours: int = HOURS_CHARTED) -> list[int]:
+    """Jobs finished as done in each of the last `hours` hours, oldest hour first."""
+    since = now - hours * 3600
+    counts = [0] * hours
+    for row in journal.read("SELECT CAST((at - ?) / 3600 AS INTEGER) AS hour, count(*) AS n FROM job_events "
+                            "WHERE to_state = 'done' AND at >= ? GROUP BY hour", (since, since)):
+        if 0 <= row["hour"] < hours:
+            counts[row["hour"]] = row["n"]
+    return counts
+
+
+def latest_restored(journal: Journal, limit: int = LATEST_RESTORED) -> list[Job]:
+    return journal.read_jobs("SELECT * FROM jobs INDEXED BY jobs_by_state WHERE state = 'done' "
+                             "ORDER BY id DESC LIMIT ?", (limit,))
+
+
+@dataclass(frozen=True)
+class JobsPage:
+    """One page of the jobs list, newest first; `older` is the id to continue from, if there is more."""
+
+    jobs: list[Job]
+    older: int | None
+    newer: int | None
+
+
+def escape_like(text: str) -> str:
+    """`text` for a LIKE pattern, its own % and _ taken literally (with ESCAPE '\\')."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def jobs_page(journal: Journal, *, state: str | None = None, folder: str | None = None, search: str | None = None,
+              before: int | None = None, after: int | None = None, size: int = PAGE_SIZE) -> JobsPage:
+    """Jobs newest first, filtered, a page at a time by id (keyset: as fast on page 2,000 as on page 1).
+
+    `folder` is a folder of the inbox (its files and everything below), `search` a part of the name.
+    """
+    where, args = [], []
+    if state:
+        where.append("state = ?")
+        args.append(state)
+    if folder:
+        where.append("rel_path LIKE ? ESCAPE '\\'")
+        args.append(escape_like(folder.strip("/")) + "/%")
+    if search:
+        where.append("rel_path LIKE ? ESCAPE '\\'")
+        args.append("%" + escape_like(search) + "%")
+    if after is not None:  # the page before, seen from the newer side: read upwards, then reverse
+        found = journal.read_jobs(f"SELECT * FROM jobs WHERE {' AND '.join(where + ['id > ?'])} ORDER BY id LIMIT ?",
+                                  (*args, after, size + 1))
+        more_newer = len(found) > size
+        jobs = list(reversed(found[:size]))
+        return JobsPage(jobs, older=jobs[-1].id if jobs else None,
+                        newer=jobs[0].id if jobs and more_newer else None)
+    if before is not None:
+        where.append("id < ?")
+        args.append(before)
+    clause = f"WHERE {' AND '.join(where)}" if where else ""
+    found = journal.read_jobs(f"SELECT * FROM jobs {clause} ORDER BY id DESC LIMIT ?", (*args, size + 1))
+    jobs = found[:size]
+    return JobsPage(jobs, older=jobs[-1].id if len(found) > size else None,
+                    newer=jobs[0].id if jobs and before is not None else None)
+
+
+def folders(journal: Journal, limit: int = 200) -> list[str]:
+    """The inbox's top-level folders that have jobs, for the jobs page's filter."""
+    rows = journal.read("SELECT DISTINCT substr(rel_path, 1, instr(rel_path, '/') - 1) AS folder FROM jobs "
+                        "WHERE instr(rel_path, '/') > 0 ORDER BY folder LIMIT ?", (limit,))
+    return [r["folder"] for r in rows]
+
+
+@dataclass(frozen=True)
+class FailureGroup:
+    """Failed jobs that failed for one reason (their stage), newest first."""
+
+    stage: str
+    possibly_paid: bool
+    jobs: list[Job]
+
+
+def failure_groups(journal: Journal, limit: int = 500) -> list[FailureGroup]:
+    """The files in failed/ grouped by the stage they failed at; those that may have been paid for last."""
+    failed = journal.read_jobs("SELECT * FROM jobs INDEXED BY jobs_by_state WHERE state = 'failed' "
+                               "ORDER BY id DESC LIMIT ?", (limit,))
+    groups: dict[str, list[Job]] = {}
+    for job in failed:
+        groups.setdefault(job.error_kind or "unknown", []).append(job)
+    return sorted((FailureGroup(stage, stage in POSSIBLY_PAID, jobs) for stage, jobs in groups.items()),
+                  key=lambda g: (g.possibly_paid, -len(g.jobs), g.stage))
+
+
+def job_timeline(journal: Journal, job: Job) -> list[dict[str, Any]]:
+    return journal.history(job.id)
+
+
+def is_finished(job: Job | None) -> bool:
+    """For the preview sweep: a job that will not change any more (or is gone from the journal)."""
+    return job is None or job.state in FINAL_STATES
+
+
+def state_names() -> list[str]:
+    return [state.value for state in JobState]
