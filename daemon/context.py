@@ -21,6 +21,7 @@ from .api import ApiClient, PollAnswer, SubmitAnswer
 from .config import Config
 from .hosting import HostingAdapter, HostingError, key_for_logs
 from .journal import Job, Journal
+from .metrics import Metrics
 from .outbox import Folders
 from .preflight import PreflightResult
 from .watcher import probe_inbox
@@ -54,6 +55,8 @@ class Context:
     """Wall time this daemon started: jobs submitted before it lived through a restart."""
     prechecked: dict[int, tuple[PreflightResult, int, int]] = field(default_factory=dict)
     """Preflight results of pending jobs, checked ahead of their slot: (result, size, mtime_ns)."""
+    metrics: Metrics = field(default_factory=Metrics)
+    """Counters the stages bump (the service gives one that also reads its journal at each scrape)."""
 
 
 def size_and_mtime(path: Path) -> tuple[int | None, int | None]:

@@ -14,6 +14,7 @@ from .api import DownloadError
 from .context import Context, StageOutcome, unpublish
 from .finishing import BadResult, copy_output, finish_delivery, placed_output, write_result
 from .journal import Job, JobState
+from .previews import copy_preview, enabled_folder
 
 log = structlog.get_logger("daemon.stages")
 
@@ -73,10 +74,13 @@ def reuse_result(ctx: Context, job: Job, twin: Job) -> bool:
     try:
         if twin_output is not None:
             origin, output = "outbox copy", copy_output(ctx, job, twin_output)
+            if (previews := enabled_folder(ctx.config)) is not None:  # the same result: the same preview
+                copy_preview(previews, twin.id, job.id, "after")
         elif twin.state is JobState.DONE and twin.media_url:
             max_bytes = int(ctx.config.api.max_download_mb * 1024 * 1024)
             origin, (output, _facts) = "media URL", write_result(
-                ctx, job, lambda f: ctx.api.download(twin.media_url, f, max_bytes), request_id=twin.request_id)
+                ctx, job, lambda f: ctx.metrics.downloaded(ctx.api.download(twin.media_url, f, max_bytes)),
+                request_id=twin.request_id)
         else:
             return False
     except (DownloadError, BadResult, FileNotFoundError) as exc:

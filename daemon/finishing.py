@@ -28,6 +28,7 @@ from .outbox import claim_name, finish_temp, free_name, move_to, temporary_file,
 from .output.pipeline import BadResult, Origin, OutputFacts, pixel_cap, rendered
 from .pacing import full_jitter
 from .preflight import sha256_of
+from .previews import wanted as wanted_preview
 
 log = structlog.get_logger("daemon.finishing")
 
@@ -68,7 +69,7 @@ def _download_into_outbox(ctx: Context, job: Job) -> tuple[Path, OutputFacts] | 
     # Errors writing the outbox (disk full, read-only) are not caught here: they reach the
     # scheduler, which keeps the job and tries again later, however long the fault lasts.
     try:
-        made = write_result(ctx, job, lambda f: ctx.api.download(job.media_url, f, max_bytes))
+        made = write_result(ctx, job, lambda f: ctx.metrics.downloaded(ctx.api.download(job.media_url, f, max_bytes)))
     except DownloadError as exc:
         _download_failed(ctx, job, str(exc), exc.retryable)
         return None
@@ -98,8 +99,8 @@ def write_result(ctx: Context, job: Job, fill: Callable[[BinaryIO], object], *,
         fill(f)
         finish_temp(f)
         title = PurePosixPath(job.rel_path).stem
-        with rendered(raw, directory, origin, ctx.config.output, cap, title=title,
-                      c2pa_key=ctx.c2pa_key) as (final, facts):
+        with rendered(raw, directory, origin, ctx.config.output, cap, title=title, c2pa_key=ctx.c2pa_key,
+                      preview=wanted_preview(ctx.config, job.id, "after", upright=True)) as (final, facts):
             output = place_output(ctx, job, final, ctx.folders.output_path(job.rel_path, facts.extension))
     if facts.sidecar is not None:
         write_sidecar(output, facts.sidecar)
@@ -185,6 +186,7 @@ def finish_delivery(ctx: Context, job: Job) -> None:
     unpublish(ctx, job)
     remove_staged(ctx, job)
     job = ctx.journal.transition(job, JobState.DONE, "restored", finished_at=ctx.wall())
+    ctx.metrics.job_done(job.created_at, job.finished_at)
     log.info("job.done", rel_path=job.rel_path, job_id=job.id, request_id=job.request_id, output=job.output_path,
              duration=round(job.finished_at - job.created_at, 3))
 
@@ -212,6 +214,7 @@ def fail(ctx: Context, job: Job, kind: str, reason: str, *, api_error: str | Non
         job = ctx.journal.transition(job, JobState.FAILING, reason, error_kind=kind, last_error=reason)
     except StaleTransition:
         return
+    ctx.metrics.job_failed(kind)
     ctx.notify()
     finish_failing(ctx, job, api_error=api_error)
 

@@ -158,6 +158,7 @@ CREATE TABLE IF NOT EXISTS job_events (
 );
 CREATE INDEX IF NOT EXISTS job_events_by_job ON job_events(job_id);
 CREATE INDEX IF NOT EXISTS job_events_by_state_at ON job_events(to_state, at);
+CREATE INDEX IF NOT EXISTS jobs_by_state_updated ON jobs(state, updated_at);
 CREATE TABLE IF NOT EXISTS retry_requests (job_id INTEGER PRIMARY KEY, requested_at REAL NOT NULL);
 """
 
@@ -172,7 +173,10 @@ MIGRATIONS: dict[int, str] = {
         CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state);
         CREATE INDEX IF NOT EXISTS jobs_by_state_due ON jobs(state, not_before);
     """,
-    6: "CREATE INDEX IF NOT EXISTS job_events_by_state_at ON job_events(to_state, at);",
+    6: """
+        CREATE INDEX IF NOT EXISTS job_events_by_state_at ON job_events(to_state, at);
+        CREATE INDEX IF NOT EXISTS jobs_by_state_updated ON jobs(state, updated_at);
+    """,
 }
 """SQL that takes an existing journal from version N-1 to N; a new journal gets `_SCHEMA` directly."""
 
@@ -581,31 +585,6 @@ class Journal:
                 (job_id,)).fetchall()
         return [dict(r) for r in rows]
 
-    def figures(self) -> dict[str, Any]:
-        """The numbers `status` shows and /metrics exports, read without touching a job's row.
-
-        One reading for both, so the dashboard, the metrics and `status --json` never disagree; cheap
-        enough for every scrape (index counts and seeks; the one scan is job_events for the spend).
-        Under the lock: in the daemon, whose writes take it too, the figures are one snapshot.
-        """
-        with self._lock:
-            counts = {state.value: 0 for state in JobState} | self.counts_by_state()
-            spent = self._db.execute("SELECT count(*) FROM job_events WHERE to_state = 'submitted'").fetchone()[0]
-            # Ids grow with detection, so the first pending id is the longest waiting (a seek, not a scan).
-            oldest = self._db.execute("SELECT created_at FROM jobs INDEXED BY jobs_by_state "
-                                      "WHERE state = 'pending' ORDER BY id LIMIT 1").fetchone()
-            return {
-                "counts": counts,
-                "in_flight_slots": sum(counts[state.value] for state in IN_FLIGHT_STATES),
-                "oldest_pending_at": float(oldest[0]) if oldest else None,
-                "paused": self.get_meta("paused"),
-                "inbox_unavailable": self.get_meta("inbox_unavailable"),
-                "ambiguous_at_restart": self.counter("ambiguous_at_restart"),
-                "duplicates_skipped": self.counter("duplicates_skipped"),
-                "unchanged_delivered": self.counter("unchanged_delivered"),
-                "submissions_spent": int(spent),
-            }
-
     def summary(self, now: float, recent_failures: int = 10) -> dict[str, Any]:
         """Everything `status` shows, as plain data (the CLI renders it, or dumps it as JSON)."""
         watching = (JobState.PUBLISHING, JobState.SUBMITTING, JobState.SUBMITTED, JobState.DOWNLOADING,
@@ -619,11 +598,19 @@ class Journal:
             "job_id": j.id, "file": j.rel_path, "reason": j.last_error, "stage": j.error_kind,
             "request_id": j.request_id, "moved_to": j.final_path, "at": j.finished_at,
         } for j in self.recent(JobState.FAILED, recent_failures)]
+        with self._lock:
+            spent = self._db.execute("SELECT count(*) FROM job_events WHERE to_state = 'submitted'").fetchone()[0]
         heartbeat = self.heartbeat_age(now)
         return {
-            **self.figures(),
+            "counts": {state.value: 0 for state in JobState} | self.counts_by_state(),
             "in_flight": in_flight,
             "recent_failures": failures,
+            "paused": self.get_meta("paused"),
+            "inbox_unavailable": self.get_meta("inbox_unavailable"),
+            "ambiguous_at_restart": self.counter("ambiguous_at_restart"),
+            "duplicates_skipped": self.counter("duplicates_skipped"),
+            "unchanged_delivered": self.counter("unchanged_delivered"),
+            "submissions_spent": int(spent),
             "heartbeat_age_seconds": round(heartbeat, 1) if heartbeat is not None else None,
             "pid": int(self.get_meta("pid") or 0) or None,
         }

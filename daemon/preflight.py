@@ -18,6 +18,7 @@ import hashlib
 import os
 import secrets
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -158,13 +159,15 @@ def _to_upload_mode(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def check_image(path: Path, staging_dir: Path, stem: str, *, max_pixels: int) -> PreflightResult:
+def check_image(path: Path, staging_dir: Path, stem: str, *, max_pixels: int,
+                preview: Callable[[Image.Image], object] | None = None) -> PreflightResult:
     """Pin `path` into `staging_dir` as `<stem>-<name>`, then check the pin by content.
 
     The file is read through one descriptor opened without following links, so what is pinned,
     hashed, decoded and judged is the same file, and always one inside the inbox. A PNG made for
     the provider goes beside the pin as `<stem>.png` and is what gets published. On any verdict
-    the pin is removed.
+    the pin is removed. `preview`, if given, is called with the scan when it is decoded in full
+    (converted, or a PNG), so that no one decodes it again for a preview; it must not raise.
     """
     try:
         st = os.lstat(path)
@@ -182,7 +185,7 @@ def check_image(path: Path, staging_dir: Path, stem: str, *, max_pixels: int) ->
             if os.fstat(f.fileno()).st_size == 0:
                 raise PreflightError("the file is empty (0 bytes)", may_be_incomplete=True)
             pinned, sha256 = pin(f, staging_dir, f"{stem}-{path.name}")
-        result = _decode(pinned, sha256, staging_dir, stem, max_pixels)
+        result = _decode(pinned, sha256, staging_dir, stem, max_pixels, preview)
     except BaseException as exc:
         if pinned is not None:
             _remove(pinned)
@@ -300,7 +303,8 @@ def decode_need(image: Image.Image, convert: bool, full_size: tuple[int, int]) -
     return need
 
 
-def _decode(pinned: Path, sha256: str, staging_dir: Path, stem: str, max_pixels: int) -> PreflightResult:
+def _decode(pinned: Path, sha256: str, staging_dir: Path, stem: str, max_pixels: int,
+            preview: Callable[[Image.Image], object] | None = None) -> PreflightResult:
     """Decode the pin under the pixel limit and the decode budget; pass it through or write the upload PNG.
 
     A JPEG sent as it is only has to prove it decodes: it is decoded at 1/8 scale (`draft`), which
@@ -318,7 +322,10 @@ def _decode(pinned: Path, sha256: str, staging_dir: Path, stem: str, max_pixels:
             image.draft(image.mode, (max(1, width // JPEG_CHECK_SCALE), max(1, height // JPEG_CHECK_SCALE)))
         with memory.BUDGET.hold(decode_need(image, convert, size), "preflight"):
             try:
-                return _check_or_convert(image, pinned, sha256, staging_dir, stem, convert, size)
+                result = _check_or_convert(image, pinned, sha256, staging_dir, stem, convert, size)
+                if preview is not None and image.size == size:  # decoded in full, not drafted
+                    preview(image)
+                return result
             finally:
                 image.close()  # its pixels go before the budget is given back (and memory to the OS)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import control
-from .journal import FINAL_STATES, Job, Journal, JobState
+from .journal import Job, Journal, JobState
 from .retry import POSSIBLY_PAID
 
 PAGE_SIZE = 50
@@ -141,11 +141,6 @@ def failure_groups(journal: Journal, limit: int = 500) -> list[FailureGroup]:
 
 def job_timeline(journal: Journal, job: Job) -> list[dict[str, Any]]:
     return journal.history(job.id)
-
-
-def is_finished(job: Job | None) -> bool:
-    """For the preview sweep: a job that will not change any more (or is gone from the journal)."""
-    return job is None or job.state in FINAL_STATES
 
 
 def state_names() -> list[str]:

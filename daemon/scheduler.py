@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from . import control, recovery, retry, stages
+from . import control, previews, recovery, retry, stages
 from .api import PollVerdict, SubmitVerdict
 from .journal import FINAL_STATES, IN_FLIGHT_STATES, Job, JobState, StaleTransition, heartbeat_file
 from .pacing import NO_BALANCE, PollPlan, SubmitGate, full_jitter, overdue_reason
@@ -49,6 +49,9 @@ with submits starting between them, instead of one long pass before the first su
 
 FINISHING_PER_PASS = 64
 """Downloads, deliveries and failures started per pass (each is one pool task)."""
+
+PREVIEW_SWEEP_SECONDS = 3600.0
+"""How often previews older than dashboard.retention_days are looked for (also once at start)."""
 
 RESULTS_WAITING_AT_MOST = 2
 """Submits wait while this many times `api.max_in_flight` finished results wait for their delivery:
@@ -131,6 +134,7 @@ class Scheduler:
         ctx.notify = self.wake.set
         ctx.stopping = lambda: self.stop_requested
         ctx.poll_now = self.poll_now
+        ctx.metrics.follow_in_flight_limit(lambda: self.gate.limit)
         self._poll_requests: queue.SimpleQueue[int] = queue.SimpleQueue()
 
     # ------------------------------------------------------------------ the loop
@@ -236,6 +240,7 @@ class Scheduler:
 
     def _on_submit(self, outcome: stages.StageOutcome, now: float) -> None:
         answer = outcome.submit
+        self.ctx.metrics.submit_answered(answer.verdict)
         if answer.verdict is SubmitVerdict.ACCEPTED:
             sent_at = outcome.sent_at if outcome.sent_at is not None else now
             self.polls.submitted(outcome.job_id, sent_at, now, webhook=outcome.webhook)
@@ -274,6 +279,7 @@ class Scheduler:
 
     def _on_poll(self, outcome: stages.StageOutcome, now: float) -> None:
         answer = outcome.poll
+        self.ctx.metrics.poll_answered(answer.verdict)
         if answer.verdict is PollVerdict.AUTH:
             self._announce(self.gate.on_key_rejected_by_poll(answer.message, now), answer.message)
         elif answer.http_status == 200:
@@ -354,6 +360,7 @@ class Scheduler:
         waited = {s.rel_path: s.waited for s in sightings}
         added = journal.add_jobs([(s.rel_path, s.size, s.mtime_ns) for s in sightings],
                                  self.ctx.config.restore.as_request())
+        self.ctx.metrics.detected(len(added))
         for job in added:
             log.info("file.detected", rel_path=job.rel_path, job_id=job.id, size=job.size,
                      settle_wait=round(waited[job.rel_path], 3))
@@ -478,10 +485,41 @@ class Scheduler:
             log.error("submits.still_paused", reason=self.gate.reason, detail=self.gate.detail,
                       paused_for=round(now - self.gate.paused_since), next_probe_in=round(max(0.0, self.gate.until - now), 1),
                       waiting=self.ctx.journal.count_in(JobState.PENDING), fix=self._fix_for(self.gate.reason))
+        if now >= self._next_preview_sweep:
+            self._next_preview_sweep = now + PREVIEW_SWEEP_SECONDS
+            self._sweep_previews()
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + HEARTBEAT_SECONDS
             self.ctx.journal.beat()  # a touched file, never a synced write: idle costs the disk nothing
             self.status_hook(self.activity())
+
+    _next_preview_sweep = 0.0
+    _preview_sweeper: threading.Thread | None = None
+
+    def _sweep_previews(self) -> None:
+        """Remove the dashboard's previews of jobs finished more than retention_days ago, on a thread
+        of its own (a large folder on an SD card takes a while to list); one sweep at a time."""
+        folder = previews.enabled_folder(self.ctx.config)
+        if folder is None or (self._preview_sweeper is not None and self._preview_sweeper.is_alive()):
+            return
+        cutoff = self.ctx.wall() - self.ctx.config.dashboard.retention_days * 86400
+        journal = self.ctx.journal
+
+        def finished(job_id: int) -> bool:  # or gone from the journal
+            job = journal.get(job_id)
+            return job is None or job.state in FINAL_STATES
+
+        def sweep() -> None:
+            try:
+                removed = previews.sweep_previews(folder, finished, cutoff)
+            except Exception as exc:  # noqa: BLE001 - previews are disposable: say so and go on
+                log.warning("preview.sweep_failed", error=f"{type(exc).__name__}: {exc}")
+                return
+            if removed:
+                log.info("preview.swept", removed=removed)
+
+        self._preview_sweeper = threading.Thread(target=sweep, name="preview-sweep", daemon=True)
+        self._preview_sweeper.start()
 
     def activity(self) -> str:
         """What the daemon is doing, in one line: "3 in flight, 12 queued, paused: insufficient balance"."""

@@ -28,6 +28,7 @@ from .journal import Job, JobState
 from .logging import mask_secrets
 from .pacing import full_jitter
 from .preflight import PreflightError, PreflightResult, check_image, converted_name, pin_holds
+from .previews import wanted as wanted_preview
 
 log = structlog.get_logger("daemon.stages")
 
@@ -82,8 +83,10 @@ def launch(ctx: Context, job: Job) -> StageOutcome:
         url = ctx.host.publish(key, checked.upload_path, checked.content_type)
     except HostingError as exc:
         return _back_to_pending(ctx, job, f"publish failed: {exc}", count_attempt=True)
+    size = size_and_mtime(checked.upload_path)[0]
+    ctx.metrics.published(size)
     log.info("file.published", rel_path=job.rel_path, job_id=job.id, adapter=ctx.host.name,
-             key=key_for_logs(key), bytes=size_and_mtime(checked.upload_path)[0])
+             key=key_for_logs(key), bytes=size)
 
     webhook = None
     if ctx.config.hosting.builtin.webhook:
@@ -154,8 +157,10 @@ def _preflight(ctx: Context, job: Job, source: Path) -> PreflightResult | None:
     if not os.path.lexists(source):
         _vanished(ctx, job, "left the inbox before it was sent")
         return None
+    preview = wanted_preview(ctx.config, job.id, "before", unless_newer_than=source)
     try:
-        checked = check_image(source, ctx.staging, staged_stem(job.id), max_pixels=ctx.config.preflight.max_pixels)
+        checked = check_image(source, ctx.staging, staged_stem(job.id), max_pixels=ctx.config.preflight.max_pixels,
+                              preview=preview)
     except PreflightError as exc:
         if not os.path.lexists(source):
             _vanished(ctx, job, "left the inbox during preflight")
@@ -170,6 +175,8 @@ def _preflight(ctx: Context, job: Job, source: Path) -> PreflightResult | None:
     if checked.converted:
         log.info("file.converted", rel_path=job.rel_path, job_id=job.id, source_format=checked.source_format,
                  width=checked.width, height=checked.height)
+    if preview is not None:
+        preview(checked.upload_path)  # a JPEG preflight only drafted; nothing if it made the preview already
     return checked
 
 
@@ -301,6 +308,7 @@ def poll(ctx: Context, job: Job) -> StageOutcome:
     elif verdict is PollVerdict.COMPLETED:
         job = ctx.journal.transition(job, JobState.DOWNLOADING, "provider completed", remote_status="COMPLETED",
                                      media_url=answer.media_url)
+        ctx.metrics.completed_at_provider(answer.provider_seconds, job.submitted_at, ctx.wall())
         ctx.notify()  # the slot is free: the next file can be submitted while this one downloads
         log.info("job.completed", rel_path=job.rel_path, job_id=job.id, request_id=job.request_id,
                  provider_seconds=answer.provider_seconds,

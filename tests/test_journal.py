@@ -143,6 +143,9 @@ def test_a_version_1_journal_is_migrated_in_place_keeping_its_jobs(tmp_path):
     plan = journal._db.execute("EXPLAIN QUERY PLAN SELECT count(*) FROM job_events WHERE to_state = 'submitted' "
                                "AND at >= ?", (0.0,)).fetchall()
     assert "job_events_by_state_at" in str([tuple(r) for r in plan])
+    plan = journal._db.execute("EXPLAIN QUERY PLAN SELECT * FROM jobs WHERE state = 'failed' "
+                               "ORDER BY updated_at DESC LIMIT 10").fetchall()
+    assert "jobs_by_state_updated" in str([tuple(r) for r in plan])  # the recent failures, without a sort
     journal.close()
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -178,15 +178,15 @@ def rendering_need(result: Image.Image, scan_mode: str | None, settings: OutputC
 
 @contextlib.contextmanager
 def rendered(result_path: Path, directory: Path, origin: Origin, settings: OutputConfig, cap: int, *,
-             title: str = "", c2pa_key: Path | None = None,
-             now: datetime | None = None) -> Iterator[tuple[Path, OutputFacts]]:
+             title: str = "", c2pa_key: Path | None = None, now: datetime | None = None,
+             preview: Callable[[Image.Image], object] | None = None) -> Iterator[tuple[Path, OutputFacts]]:
     """The finished output as a temporary file in `directory`, with what was made; removed unless claimed.
 
     Raises BadResult for a result that is unreadable, too large, blank, or (with
-    `output.unchanged: fail`) only the scan resized.
+    `output.unchanged: fail`) only the scan resized. `preview`: see `render`.
     """
     with temporary_file(directory) as (encoded, f):
-        facts = render(result_path, f, origin, settings, cap, now=now)
+        facts = render(result_path, f, origin, settings, cap, now=now, preview=preview)
         finish_temp(f)
         if not facts.signed:
             yield encoded, facts
@@ -198,10 +198,13 @@ def rendered(result_path: Path, directory: Path, origin: Origin, settings: Outpu
 
 
 def render(result_path: Path, out: BinaryIO, origin: Origin, settings: OutputConfig, cap: int, *,
-           now: datetime | None = None) -> OutputFacts:
+           now: datetime | None = None, preview: Callable[[Image.Image], object] | None = None) -> OutputFacts:
     """Decode, judge and encode the result into `out`, holding the decode budget from the first decode
     to the last byte encoded; every image is closed before the budget is given back. The budget is the
-    larger of the scan's decode (at its draft size) and the result's (see `rendering_need`)."""
+    larger of the scan's decode (at its draft size) and the result's (see `rendering_need`).
+
+    `preview`, if given, is called with the delivered image (upright) once it is encoded, so a
+    preview never decodes the result again; it must not raise, nor ask for the budget."""
     result = result_header(result_path, cap)
     images = [result]
     try:
@@ -214,7 +217,7 @@ def render(result_path: Path, out: BinaryIO, origin: Origin, settings: OutputCon
             need = max(need, decode_need(scan, False, metadata.size))
         with memory.BUDGET.hold(need, "output"):
             try:
-                return _judge_and_encode(result, scan, metadata, fmt, out, origin, settings, images, now)
+                return _judge_and_encode(result, scan, metadata, fmt, out, origin, settings, images, now, preview)
             finally:
                 _close(images)  # before the budget is given back: their memory goes with it
     finally:
@@ -229,7 +232,7 @@ def _close(images: list[Image.Image]) -> None:
 
 def _judge_and_encode(result: Image.Image, scan: Image.Image | None, metadata: ScanMetadata | None, fmt: str,
                       out: BinaryIO, origin: Origin, settings: OutputConfig, images: list[Image.Image],
-                      now: datetime | None) -> OutputFacts:
+                      now: datetime | None, preview: Callable[[Image.Image], object] | None = None) -> OutputFacts:
     """The rendering proper, under the budget; every image it makes is added to `images` to be closed."""
     if scan is not None:
         scan = guard_view(scan, metadata.orientation)
@@ -258,6 +261,8 @@ def _judge_and_encode(result: Image.Image, scan: Image.Image | None, metadata: S
     xmp = label_xmp(kept.xmp if kept else None, provenance if settings.label else None)
     encode(image, out, fmt, metadata=kept, xmp=xmp, jpeg_quality=settings.jpeg_quality,
            tiff_compression=settings.tiff_compression)
+    if preview is not None:
+        preview(image)
     return OutputFacts(format=fmt, extension=EXTENSIONS[fmt], unchanged=unchanged, tone=tone,
                        labelled=settings.label,
                        # credentials name the scan as their parent: without it (gone) none are made
