@@ -250,7 +250,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoError, run_demo
 
     try:
-        return run_demo(args.dir, count=args.count, latency=args.latency)
+        return run_demo(args.dir, count=args.count, latency=args.latency, dashboard=args.dashboard)
     except DemoError as exc:
         return _error(str(exc), EXIT_FAILURE)
 
@@ -301,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dir", default="codeformer-demo", help="folder to create for the demo (default: %(default)s)")
     demo.add_argument("--count", type=int, default=4, help="how many photos to drop (default: %(default)s)")
     demo.add_argument("--latency", type=float, default=1.0, help="emulated processing seconds per photo")
+    demo.add_argument("--dashboard", nargs="?", const="127.0.0.1:8090", default=None, metavar="HOST:PORT",
+                      help="keep the daemon and its dashboard (default %(const)s) up after the demo, until Ctrl-C")
     demo.set_defaults(handler=cmd_demo)
     return parser
 

@@ -76,7 +76,10 @@ DEMO_FILES = ["portrait-1952.jpg", "album 1960s/wedding.png", "album 1960s/grand
               "family/école-1948.jpg", "family/picnic.png", "family/uncle.tif"]
 
 
-def run_demo(directory: str | os.PathLike, count: int = 4, latency: float = 1.0, timeout: float = 120.0) -> int:
+def run_demo(directory: str | os.PathLike, count: int = 4, latency: float = 1.0, timeout: float = 120.0,
+             dashboard: str | None = None) -> int:
+    """Restore `count` generated scans; with `dashboard` (a listen address), keep the daemon and its
+    dashboard up afterwards until Ctrl-C, so a newcomer can look around."""
     from . import logging as daemon_logging
     from .service import Service
 
@@ -96,6 +99,7 @@ def run_demo(directory: str | os.PathLike, count: int = 4, latency: float = 1.0,
                     "poll_interval": 0.25, "max_in_flight": 4, "job_timeout": 120},
             "hosting": {"adapter": "builtin", "builtin": {"listen": "127.0.0.1:0"}},
             "watch": {"settle_seconds": 0.5, "rescan_seconds": 10},
+            "dashboard": {"listen": dashboard},
         }, root)
         service = Service(config, Secret(emulator.api_key))
         service.start()
@@ -112,20 +116,32 @@ def run_demo(directory: str | os.PathLike, count: int = 4, latency: float = 1.0,
                 break
             time.sleep(0.2)
         time.sleep(0.3)  # let the last archive moves land before stopping
+        restored = sorted(p for p in expected if p.exists())
+        if service.dashboard is not None:
+            _print_results(root, names, restored, folders["failed"])
+            print(f"\nThe dashboard is at {service.dashboard.url}/ ; Ctrl-C ends the demo.", flush=True)
+            try:
+                while runner.is_alive():
+                    runner.join(0.5)
+            except KeyboardInterrupt:
+                pass
         service.stop()
         runner.join(timeout=30)
+    if service.dashboard is None:
+        _print_results(root, names, restored, folders["failed"])
+    return 0 if len(restored) == len(names) else 1
 
-    restored = sorted(p for p in expected if p.exists())
+
+def _print_results(root: Path, names: list[str], restored: list[Path], failed: Path) -> None:
     print(f"\nRestored {len(restored)} of {len(names)} scans (emulator: resized by upscale, contrast raised in the "
           "middle, no real restoration; each labelled as an AI restoration in its XMP):")
     for path in restored:
         with Image.open(path) as image:
             size = f"{image.width}x{image.height}"
         print(f"  {path}  {path.stat().st_size} bytes, {size}")
-    for record in _failed_records(folders["failed"]):
+    for record in _failed_records(failed):
         print(f"  FAILED: {record}")
-    print(f"\nFolders left for you to look at: {root}")
-    return 0 if len(restored) == len(names) else 1
+    print(f"\nFolders left for you to look at: {root}", flush=True)
 
 
 def _failed_records(failed: Path) -> list[Path]:

@@ -14,21 +14,26 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from . import __version__, memory
 from .api import ApiClient
-from .config import Config, ConfigError, LoggingConfig, Secret, load_config, resolve_api_key, resolve_c2pa_key
+from .config import (Config, ConfigError, LoggingConfig, Secret, load_config, resolve_api_key, resolve_c2pa_key,
+                     resolve_dashboard_token)
 from .hosting import HostingAdapter, HostingError, create_adapter
 from .journal import Journal, JournalError
 from .logging import register_secret
+from .metrics import Metrics
 from .notify import Notifier, Watchdog
 from .outbox import Folders
 from .scheduler import LOOP_ERROR_PAUSE, MAX_SLEEP, Scheduler
 from .stages import Context
 from .watcher import InboxWatcher
+
+if TYPE_CHECKING:
+    from .dashboard.server import DashboardServer
 
 log = structlog.get_logger("daemon.service")
 
@@ -147,8 +152,11 @@ class Service:
         self.api_key = api_key
         self.host = host or create_adapter(config)
         self.journal: Journal | None = None
+        self.metrics: Metrics | None = None
+        """What /metrics serves (the dashboard's); built with the journal it reads at each scrape."""
         self.scheduler: Scheduler | None = None
         self.watcher: InboxWatcher | None = None
+        self.dashboard: DashboardServer | None = None
         self._lock_fd: int | None = None
         self._stop_requested_at: float | None = None
 
@@ -156,8 +164,11 @@ class Service:
         config = self.config
         try:
             c2pa_key = signing_key(config)
+            dashboard_token = resolve_dashboard_token(config)
         except ConfigError as exc:
             raise StartupError(str(exc)) from None
+        if dashboard_token is not None:
+            register_secret(dashboard_token.reveal())
         prepare_folders(config)
         memory.configure(config.preflight.max_decode_mb)
         self._take_lock()
@@ -172,7 +183,8 @@ class Service:
         folders = Folders(config.folders.outbox, config.folders.archive, config.folders.failed)
         ctx = Context(config=config, journal=self.journal, host=self.host, api=ApiClient(config.api, self.api_key),
                       folders=folders, inbox=config.folders.inbox, staging=config.state_dir / "staging",
-                      c2pa_key=c2pa_key)
+                      c2pa_key=c2pa_key, metrics=Metrics(self.journal))
+        self.metrics = ctx.metrics
         wake = threading.Event()
         self.watcher = InboxWatcher(config.folders.inbox, settle_seconds=config.watch.settle_seconds,
                                     rescan_seconds=config.watch.rescan_seconds, ignore=config.watch.ignore,
@@ -183,9 +195,24 @@ class Service:
             self.scheduler.status_hook = self.notifier.status
         self.watcher.start()
         self.journal.set_meta("pid", str(os.getpid()))
+        self.dashboard = self._start_dashboard(dashboard_token)
         log.info("daemon.ready", version=__version__, inbox=str(config.folders.inbox),
                  outbox=str(config.folders.outbox), adapter=self.host.name,
                  max_in_flight=config.api.max_in_flight, restore=config.restore.as_request())
+
+    def _start_dashboard(self, token: Secret | None) -> DashboardServer | None:
+        """The dashboard, if configured. A port it cannot have is logged, not fatal: restoring goes on."""
+        from .dashboard.server import start_dashboard
+
+        try:
+            return start_dashboard(self.config, journal_path(self.config), token.reveal() if token else None,
+                                   metrics=self.metrics.render if self.metrics is not None else None)
+        except OSError as exc:
+            log.error("dashboard.unavailable", listen=self.config.dashboard.listen,
+                      error=exc.strerror or str(exc),
+                      fix="free that port or set dashboard.listen to another one (null turns the dashboard off), "
+                          "then restart; restoring goes on meanwhile")
+            return None
 
     def _take_lock(self) -> None:
         fd = try_instance_lock(self.config.state_dir)
@@ -285,6 +312,8 @@ class Service:
         self.notifier.stopping()
         log.info("daemon.stopping", shutdown_timeout=self.config.shutdown_timeout)
         budget = max(0.5, self.config.shutdown_timeout - (time.monotonic() - started) - 1.0)
+        if self.dashboard is not None:
+            self.dashboard.stop()
         if self.watcher is not None:
             self.watcher.stop()
         clean = self.scheduler.drain(budget) if self.scheduler else True
