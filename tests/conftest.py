@@ -26,6 +26,18 @@ from daemon.service import Service
 API_KEY = "test-key-7d1f0c9a2b"
 
 
+def drop_scan(folders: dict[str, Path], name: str, seed: int = 0, size: tuple[int, int] = (64, 48)) -> Path:
+    """A photo-like JPEG written beside the inbox and renamed in, as scanning software does."""
+    from daemon.demo import make_photo
+
+    staged = folders["inbox"].parent / ".staged.jpg"
+    make_photo(staged, *size, seed=seed)
+    target = folders["inbox"] / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staged.rename(target)
+    return target
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05, what: str = "") -> Any:
     """Poll `predicate` until it returns something truthy; fail the test with `what` on timeout."""
     deadline = time.monotonic() + timeout

@@ -6,16 +6,9 @@ import json
 
 from daemon.cli import main
 from daemon.control import PAUSED_BY_PERSON
-from daemon.demo import make_photo
 from daemon.journal import JobState
 
-from .conftest import config_mapping, wait_for, write_config
-
-
-def drop(folders, name, seed=0):
-    staged = folders["inbox"].parent / name
-    make_photo(staged, 64, 48, seed=seed)
-    staged.rename(folders["inbox"] / name)
+from .conftest import config_mapping, drop_scan, wait_for, write_config
 
 
 def status_json(config_path, capsys) -> dict:
@@ -29,13 +22,13 @@ def test_a_person_pauses_submits_and_resumes_them(folders, emulator, tmp_path, r
     emulator.latency = 1.0
     config_path = write_config(tmp_path / "config.yaml", config_mapping(folders, emulator))
     daemon = run_daemon(make_config())
-    drop(folders, "in-flight.jpg")
+    drop_scan(folders, "in-flight.jpg")
     wait_for(lambda: emulator.stats()["submits_accepted"] == 1, 20, what="the first submit")
 
     assert main(["pause", "--config", str(config_path)]) == 0
     wait_for(lambda: any(e["event"] == "submits.paused" and e["reason"] == PAUSED_BY_PERSON for e in captured_logs),
              10, what="the pause taking effect")
-    drop(folders, "waits.jpg", seed=1)
+    drop_scan(folders, "waits.jpg", seed=1)
     # The job already at the provider finishes; the new file waits.
     wait_for(lambda: (folders["outbox"] / "in-flight.png").exists(), 30, what="the job in flight delivered")
     daemon.wait_for_passes(1.5)

@@ -8,24 +8,16 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 
 import pytest
 import requests
 
-from daemon.demo import make_photo
 from daemon.journal import JobState
 
-from .conftest import wait_for
+from .conftest import drop_scan, wait_for
 
 TOKEN = "dashboard-token-for-tests-0123456789"
 HOSTILE = "<img src=x onerror=alert(1)>.jpg"
-
-
-def drop(folders, name, seed=0, size=(64, 48)):
-    staged = folders["inbox"].parent / "staged.jpg"
-    make_photo(staged, *size, seed=seed)
-    staged.rename(folders["inbox"] / name)
 
 
 def dashboard_url(daemon) -> str:
@@ -48,7 +40,7 @@ def open_dashboard(folders, emulator, make_config, run_daemon):
 
 def test_the_pages_show_jobs_and_escape_every_name(folders, emulator, open_dashboard):
     daemon, url = open_dashboard
-    drop(folders, HOSTILE)
+    drop_scan(folders, HOSTILE)
     wait_for(lambda: daemon.service.journal.count_in(JobState.DONE) == 1, 30, what="the hostile name restored")
     job_id = daemon.service.journal.jobs_in(JobState.DONE)[0].id
     session = requests.Session()
@@ -59,12 +51,12 @@ def test_the_pages_show_jobs_and_escape_every_name(folders, emulator, open_dashb
         assert page.headers["Content-Security-Policy"].startswith("default-src 'self'")
         assert "<script>" not in page.text and "onerror=alert" not in page.text.replace("onerror=alert(1)&gt;", "")
     assert "&lt;img src=x onerror=alert(1)&gt;.jpg" in session.get(url + f"/jobs/{job_id}").text
-    assert f'data-state="done"><a href="/jobs?state=done">1<' in session.get(url + "/").text
+    assert 'data-state="done"><a href="/jobs?state=done">1<' in session.get(url + "/").text
 
 
 def test_only_previews_by_job_id_are_served_never_a_path(folders, emulator, open_dashboard, tmp_path):
     daemon, url = open_dashboard
-    drop(folders, "a.jpg")
+    drop_scan(folders, "a.jpg")
     wait_for(lambda: daemon.service.journal.count_in(JobState.DONE) == 1, 30, what="a delivery")
     job_id = daemon.service.journal.jobs_in(JobState.DONE)[0].id
     thumbnails = daemon.config.state_dir / "thumbnails"
@@ -155,7 +147,7 @@ def test_login_sets_a_strict_http_only_cookie_and_failures_are_rate_limited(lock
 def test_a_failed_file_is_retried_from_the_dashboard_and_restored(folders, emulator, open_dashboard):
     daemon, url = open_dashboard
     emulator.inject("outcome_failed")
-    drop(folders, "face.jpg")
+    drop_scan(folders, "face.jpg")
     wait_for(lambda: (folders["failed"] / "face.jpg").exists(), 30, what="the file in failed/")
     session = requests.Session()
     page = session.get(url + "/failed")
@@ -180,7 +172,7 @@ def test_the_daemon_removes_previews_of_jobs_finished_before_the_retention(folde
                                                                            run_daemon):
     config = make_config(dashboard={"listen": "127.0.0.1:0", "retention_days": 1})
     daemon = run_daemon(config)
-    drop(folders, "old.jpg")
+    drop_scan(folders, "old.jpg")
     wait_for(lambda: daemon.service.journal.count_in(JobState.DONE) == 1, 30, what="a delivery")
     done_id = daemon.service.journal.jobs_in(JobState.DONE)[0].id
     daemon.stop()

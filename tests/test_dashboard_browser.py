@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from daemon.demo import make_photo
 from daemon.journal import JobState
 
 from .browser import chromium, console_errors, needs_chromium
-from .conftest import wait_for
+from .conftest import drop_scan, wait_for
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,12 +25,6 @@ pytestmark = needs_chromium
 
 TOKEN = "browser-test-token-0123456789abcdef"
 HOSTILE = "<img src=x onerror=alert(1)>.jpg"
-
-
-def drop(folders, name, seed=0, size=(96, 128)):
-    staged = folders["inbox"].parent / "staged.jpg"
-    make_photo(staged, *size, seed=seed)
-    staged.rename(folders["inbox"] / name)
 
 
 def text_of(driver, css: str) -> str:
@@ -62,7 +55,7 @@ def test_the_overview_shows_jobs_appearing_and_finishing_without_a_reload(folder
         marker = driver.execute_script("window.notReloaded = true; return window.notReloaded;")
         assert marker is True
         for i in range(3):
-            drop(folders, f"portrait-{i}.jpg", seed=i)
+            drop_scan(folders, f"portrait-{i}.jpg", seed=i, size=(96, 128))
         wait_for(lambda: "portrait-" in text_of(driver, "#in-flight"), 20, what="jobs in flight on the overview")
         wait_for(lambda: text_of(driver, '#counts td[data-state="done"]') == "3", 40,
                  what="three jobs done on the overview")
@@ -76,7 +69,7 @@ def test_the_job_page_slider_moves_the_cut_between_scan_and_restoration(folders,
     from selenium.webdriver.common.keys import Keys
 
     daemon, url = dashboard
-    drop(folders, "couple.jpg", size=(320, 400))
+    drop_scan(folders, "couple.jpg", size=(320, 400))
     wait_for(lambda: daemon.service.journal.count_in(JobState.DONE) == 1, 30, what="the delivery")
     job_id = daemon.service.journal.jobs_in(JobState.DONE)[0].id
     with chromium() as driver:
@@ -100,7 +93,7 @@ def test_the_job_page_slider_moves_the_cut_between_scan_and_restoration(folders,
 def test_retry_brings_a_failed_file_back_and_it_is_restored(folders, emulator, dashboard):
     daemon, url = dashboard
     emulator.inject("outcome_failed")
-    drop(folders, "faded.jpg")
+    drop_scan(folders, "faded.jpg", size=(96, 128))
     wait_for(lambda: (folders["failed"] / "faded.jpg").exists(), 30, what="the file in failed/")
     with chromium() as driver:
         driver.get(url + "/failed")
@@ -119,7 +112,7 @@ def test_pause_stops_new_submits_until_resume(folders, emulator, dashboard):
         click(driver, "#pause-switch")
         wait_for(lambda: "paused by a person" in text_of(driver, "#paused-reason"), 10, what="the pause shown")
         wait_for(lambda: daemon.service.scheduler.paused_by_person, 10, what="the daemon following the pause")
-        drop(folders, "waits.jpg")
+        drop_scan(folders, "waits.jpg", size=(96, 128))
         wait_for(lambda: daemon.service.journal.count_in(JobState.PENDING) == 1, 10, what="the file taken")
         daemon.wait_for_passes(1.5)
         assert emulator.stats()["submits_accepted"] == 0
@@ -134,7 +127,7 @@ def test_a_hostile_file_name_renders_as_text(folders, emulator, dashboard):
     from selenium.common.exceptions import NoAlertPresentException
 
     daemon, url = dashboard
-    drop(folders, HOSTILE)
+    drop_scan(folders, HOSTILE, size=(96, 128))
     wait_for(lambda: daemon.service.journal.count_in(JobState.DONE) == 1, 30, what="the hostile name restored")
     job_id = daemon.service.journal.jobs_in(JobState.DONE)[0].id
     with chromium() as driver:
