@@ -121,7 +121,7 @@ def test_with_a_token_nothing_but_the_login_page_is_reachable(locked_dashboard):
     assert requests.get(url + "/login").status_code == 200
     assert requests.get(url + "/", headers={"Authorization": "Bearer " + TOKEN}).status_code == 200
     assert requests.get(url + "/", headers={"Authorization": "Bearer " + TOKEN[:-1] + "x"},
-                        allow_redirects=False).status_code == 303
+                        allow_redirects=False).status_code == 401
 
 
 def test_login_sets_a_strict_http_only_cookie_and_failures_are_rate_limited(locked_dashboard, captured_logs):
@@ -195,3 +195,48 @@ def test_the_daemon_removes_previews_of_jobs_finished_before_the_retention(folde
     assert not (thumbnails / f"{done_id}-before.jpg").exists()
     assert (thumbnails / f"{waiting.id}-before.jpg").exists(), "a preview of an unfinished job was removed"
     assert daemon_states(config)[waiting.id] == "submitted"
+
+
+def test_awkward_requests_get_clear_answers_not_errors(open_dashboard):
+    _daemon, url = open_dashboard
+    session = requests.Session()
+    # A HEAD answers without a body, so the next answer on the same connection is not garbled.
+    assert session.head(url + "/jobs").status_code == 200
+    assert session.get(url + "/static/favicon.svg").status_code == 200
+    assert session.get(url + "/jobs?before=99999999999999999999999&after=-1").status_code == 200
+    csrf_of(session, url + "/")
+    assert session.post(url + "/pause", data={"csrf": "é" * 64}).status_code == 403  # not a 500
+    page = session.get(url + "/failed?notice=Sign+in+again+at+http://evil.example")
+    assert "evil.example" not in page.text
+
+
+def test_another_apps_odd_cookie_does_not_sign_the_person_out(locked_dashboard):
+    _daemon, url = locked_dashboard
+    session = requests.Session()
+    token = csrf_of(session, url + "/login")
+    session.post(url + "/login", data={"csrf": token, "token": TOKEN})
+    cookies = "; ".join(f"{c.name}={c.value}" for c in session.cookies)
+    odd = {"Cookie": 'prefs={"theme": "dark"}; a=b c; ' + cookies}
+    assert requests.get(url + "/jobs", headers=odd, allow_redirects=False).status_code == 200
+
+
+def test_a_csrf_pair_from_the_login_page_is_no_use_once_signed_in(locked_dashboard):
+    daemon, url = locked_dashboard
+    stranger = requests.Session()
+    stolen = csrf_of(stranger, url + "/login")
+    owner = requests.Session()
+    owner.post(url + "/login", data={"csrf": csrf_of(owner, url + "/login"), "token": TOKEN})
+    # The owner's session with the stranger's CSRF cookie and token (planted by another localhost page).
+    planted = f"cfd_session={owner.cookies['cfd_session']}; cfd_csrf={stranger.cookies['cfd_csrf']}"
+    answer = requests.post(url + "/pause", data={"csrf": stolen}, headers={"Cookie": planted}, allow_redirects=False)
+    assert answer.status_code == 403
+    assert daemon.service.journal.get_meta("paused_by_person") is None
+    assert owner.post(url + "/pause", data={"csrf": csrf_of(owner, url + "/")}, allow_redirects=False).status_code == 303
+
+
+def test_wrong_bearer_tokens_are_limited_like_wrong_logins(locked_dashboard, captured_logs):
+    _daemon, url = locked_dashboard
+    codes = [requests.get(url + "/metrics", headers={"Authorization": f"Bearer wrong-{i}"}).status_code
+             for i in range(7)]
+    assert codes == [401] * 5 + [429, 429]
+    assert any(e["event"] == "dashboard.login_failed" and e.get("by") == "bearer" for e in captured_logs)

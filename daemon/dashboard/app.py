@@ -34,9 +34,9 @@ STATIC_FILES = {"dashboard.css": "text/css; charset=utf-8", "dashboard.js": "tex
 PUBLIC_PATHS = frozenset({"/login", "/static/dashboard.css", "/static/favicon.svg"})
 """What a browser without a session may fetch when a token is set: the login page and its style."""
 
-JOB_PATH = re.compile(r"/jobs/(\d{1,12})")
-ACTION_PATH = re.compile(r"/jobs/(\d{1,12})/retry")
-PREVIEW_PATH = re.compile(r"/previews/(\d{1,12})/(before|after)\.jpg")
+JOB_PATH = re.compile(r"/jobs/([0-9]{1,12})")
+ACTION_PATH = re.compile(r"/jobs/([0-9]{1,12})/retry")
+PREVIEW_PATH = re.compile(r"/previews/([0-9]{1,12})/(before|after)\.jpg")
 FOLDERS_FRESH_FOR = 60.0
 
 Handler = Callable[..., Response]
@@ -79,7 +79,7 @@ class DashboardApp:
         except Exception as exc:  # noqa: BLE001 - one bad request must not take the page down
             log.error("dashboard.error", path=request.path, error=f"{type(exc).__name__}: {exc}", exc_info=True)
             response = text(500, "the dashboard could not answer this request; see the daemon's log")
-        return response.wsgi(start_response)
+        return response.wsgi(start_response, head=request.method == "HEAD")
 
     def handle(self, request: Request) -> Response:
         if self.token is None and not is_loopback_host(request.header("Host")):
@@ -87,12 +87,13 @@ class DashboardApp:
                              "reach it by another name)")
         if request.path == "/login":
             return self._login(request)
-        if request.path in PUBLIC_PATHS or (request.path.startswith("/static/") and self._signed_in(request)):
+        if request.path in PUBLIC_PATHS:
             return self._static(request.path.removeprefix("/static/"))
-        if not self._signed_in(request):
-            if request.method == "GET" and request.path != "/metrics":
-                return redirect("/login")
-            return text(401, "sign in first (or send Authorization: Bearer <token>)")
+        refused = self._refusal(request)
+        if refused is not None:
+            return refused
+        if request.path.startswith("/static/"):
+            return self._static(request.path.removeprefix("/static/"))
         if request.method == "POST":
             return self._action(request)
         if request.method not in ("GET", "HEAD"):
@@ -101,13 +102,34 @@ class DashboardApp:
 
     # ------------------------------------------------------------------ who is asking
 
-    def _signed_in(self, request: Request) -> bool:
-        if self.token is None:
-            return True
+    def _refusal(self, request: Request) -> Response | None:
+        """None when the request may go on: no token is set, its session is valid, or it carries the
+        token as a Bearer (wrong ones count against the client like wrong logins)."""
+        if self.token is None or self._session(request) is not None:
+            return None
         given = bearer_token(request.header("Authorization"))
-        if given is not None:
-            return token_matches(given, self.token)
-        return self.sessions.valid(request.cookies.get(SESSION_COOKIE))
+        if given is None:
+            if request.method in ("GET", "HEAD") and request.path != "/metrics":
+                return redirect("/login")
+            return text(401, "sign in first (or send Authorization: Bearer <token>)")
+        wait = self.throttle.wait_seconds(request.client)
+        if wait:
+            return self._too_many(text(429, "too many wrong tokens; try again later"), wait)
+        if token_matches(given, self.token):
+            return None
+        self.throttle.failed(request.client)
+        log.warning("dashboard.login_failed", client=request.client, by="bearer")
+        return text(401, "that is not the dashboard's token")
+
+    def _session(self, request: Request) -> str | None:
+        """This browser's valid session id (token mode only), or None."""
+        session = request.cookies.get(SESSION_COOKIE)
+        return session if self.token is not None and self.sessions.valid(session) else None
+
+    @staticmethod
+    def _too_many(response: Response, wait: float) -> Response:
+        response.headers.append(("Retry-After", str(max(1, round(wait)))))
+        return response
 
     def _csrf_cookie(self, request: Request, response: Response) -> str:
         """This browser's CSRF cookie, set now if it has none; forms carry its HMAC."""
@@ -118,7 +140,8 @@ class DashboardApp:
         return cookie
 
     def _csrf_passes(self, request: Request) -> bool:
-        return csrf_ok(self.secret, request.cookies.get(CSRF_COOKIE), request.form().get("csrf"))
+        return csrf_ok(self.secret, request.cookies.get(CSRF_COOKIE), request.form().get("csrf"),
+                       self._session(request))
 
     def _login(self, request: Request) -> Response:
         if self.token is None:
@@ -129,10 +152,8 @@ class DashboardApp:
             return text(405, "only GET and POST")
         wait = self.throttle.wait_seconds(request.client)
         if wait:
-            response = self._render(request, "login.html", error=f"Too many wrong tokens; try again in {wait:.0f} s.",
-                                    status=429)
-            response.headers.append(("Retry-After", str(max(1, round(wait)))))
-            return response
+            return self._too_many(self._render(request, "login.html", status=429,
+                                               error=f"Too many wrong tokens; try again in {wait:.0f} s."), wait)
         if not self._csrf_passes(request):
             return self._render(request, "login.html", error="The form had expired; please try again.", status=403)
         if not token_matches(request.form().get("token"), self.token):
@@ -143,6 +164,8 @@ class DashboardApp:
         log.info("dashboard.login", client=request.client)
         response = redirect("/")
         response.set_cookie(SESSION_COOKIE, self.sessions.create(), secure=request.secure)
+        # A fresh CSRF cookie too: whatever pair anyone saw on the login page is no use from now on.
+        response.set_cookie(CSRF_COOKIE, secrets.token_urlsafe(24), secure=request.secure)
         return response
 
     # ------------------------------------------------------------------ pages
@@ -159,7 +182,7 @@ class DashboardApp:
                                 now=now)
         if path == "/failed":
             return self._render(request, "failed.html", **pages.failed(self.journal), now=now,
-                                notice=request.query.get("notice", "")[:300])
+                                notice=pages.retry_notice(request.query))
         if path == "/metrics" and self.metrics is not None:
             body, kind = self.metrics()
             return Response(200, body, kind)
@@ -186,7 +209,8 @@ class DashboardApp:
     def _render(self, request: Request, template: str, status: int = 200, **context: Any) -> Response:
         response = Response(status)
         cookie = self._csrf_cookie(request, response)
-        context.update(csrf=csrf_token(self.secret, cookie), signed_in=self.token is not None, path=request.path)
+        session = self._session(request)
+        context.update(csrf=csrf_token(self.secret, cookie, session), signed_in=session is not None, path=request.path)
         response.body = self.templates.get_template(template).render(**context).encode("utf-8")
         return response
 
@@ -253,16 +277,9 @@ class DashboardApp:
         try:
             asked = control.request_retries(self.journal, self.failed_dir, targets, everything)
         except RetryError as exc:
-            return redirect("/failed?notice=" + _quote(str(exc)))
-        notice = f"{len(asked.requested)} file(s) sent back to the inbox"
-        if asked.possibly_paid:
-            notice += f"; {len(asked.possibly_paid)} left out: they may already have been paid for"
+            log.info("dashboard.retry_refused", reason=str(exc))
+            return redirect("/failed?refused=1")
         log.info("dashboard.retry", requested=[job.id for job in asked.requested],
                  left_out=[job.id for job in asked.possibly_paid])
-        return redirect("/failed?notice=" + _quote(notice))
-
-
-def _quote(text_: str) -> str:
-    import urllib.parse
-
-    return urllib.parse.quote(text_[:300], safe="")
+        # Counts only: the page words the notice itself, so a link cannot make it say anything else.
+        return redirect(f"/failed?retried={len(asked.requested)}&left_out={len(asked.possibly_paid)}")

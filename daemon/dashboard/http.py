@@ -7,7 +7,6 @@ headers.
 
 from __future__ import annotations
 
-import http.cookies
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,12 +39,7 @@ class Request:
         # PEP 3333 hands the path over as latin-1 decoded bytes; names in it are UTF-8.
         self.path = raw_path.encode("latin-1", "replace").decode("utf-8", "replace")
         self.query = {k: v[0] for k, v in urllib.parse.parse_qs(environ.get("QUERY_STRING", "")).items()}
-        cookies = http.cookies.SimpleCookie()
-        try:
-            cookies.load(environ.get("HTTP_COOKIE", ""))
-        except http.cookies.CookieError:
-            pass
-        self.cookies = {name: morsel.value for name, morsel in cookies.items()}
+        self.cookies = parse_cookies(environ.get("HTTP_COOKIE", ""))
         self.client = environ.get("REMOTE_ADDR", "") or "unknown"
         self.secure = environ.get("wsgi.url_scheme") == "https"
         self._form: dict[str, str] | None = None
@@ -68,6 +62,19 @@ class Request:
         return self._form
 
 
+def parse_cookies(header: str) -> dict[str, str]:
+    """Name-value pairs of a Cookie header, leniently: browsers share cookies across every port of
+    localhost, and `http.cookies` gives up on a whole header for one value it dislikes (another app's
+    JSON, a space), which would sign the person out. The first of a repeated name wins."""
+    cookies: dict[str, str] = {}
+    for part in header.split(";"):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if sep and name and name not in cookies:
+            cookies[name] = value.strip().strip('"')
+    return cookies
+
+
 @dataclass
 class Response:
     status: int = 200
@@ -84,11 +91,12 @@ class Response:
             parts.append("Secure")
         self.headers.append(("Set-Cookie", "; ".join(parts)))
 
-    def wsgi(self, start_response) -> list[bytes]:
+    def wsgi(self, start_response, *, head: bool = False) -> list[bytes]:
+        """Start the answer; a HEAD gets the headers of a GET and no body (the server does not strip it)."""
         headers = [("Content-Type", self.content_type), ("Content-Length", str(len(self.body))),
                    ("Cache-Control", self.cache), *SECURITY_HEADERS, *self.headers]
         start_response(f"{self.status} {REASONS.get(self.status, 'Unknown')}", headers)
-        return [self.body]
+        return [] if head else [self.body]
 
 
 def redirect(location: str) -> Response:

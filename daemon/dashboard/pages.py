@@ -104,8 +104,23 @@ def failed(journal: Journal) -> dict[str, Any]:
     return {"groups": groups, "safe": sum(len(g.jobs) for g in groups if not g.possibly_paid)}
 
 
+def retry_notice(query: dict[str, str]) -> str:
+    """What the failed page says after a retry, from the counts its redirect carries (never free text)."""
+    if query.get("refused"):
+        return "Not sent again: that file is no longer in failed/."
+    retried, left_out = _int(query.get("retried")), _int(query.get("left_out"))
+    if retried is None:
+        return ""
+    notice = f"{retried} file(s) sent back to the inbox"
+    if left_out:
+        notice += f"; {left_out} left out: they may already have been paid for"
+    return notice + "."
+
+
 def _int(text: str | None) -> int | None:
+    """A job id from the query, or None for anything else (SQLite's integers end at 2**63)."""
     try:
-        return int(text) if text else None
+        value = int(text) if text else None
     except ValueError:
         return None
+    return value if value is not None and 0 <= value < 2**63 else None

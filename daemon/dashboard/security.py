@@ -87,7 +87,7 @@ class LoginThrottle:
         self._clock = clock
         self._allowed = allowed
         self._window = window
-        self._failures: dict[str, collections.deque[float]] = {}
+        self._failures: collections.OrderedDict[str, collections.deque[float]] = collections.OrderedDict()
         self._lock = threading.Lock()
 
     def wait_seconds(self, client: str) -> float:
@@ -100,9 +100,10 @@ class LoginThrottle:
 
     def failed(self, client: str) -> None:
         with self._lock:
-            if len(self._failures) >= MAX_CLIENTS_TRACKED and client not in self._failures:
-                self._failures.clear()  # a flood of addresses: start counting again rather than grow
             self._recent(client).append(self._clock())
+            self._failures.move_to_end(client)
+            while len(self._failures) > MAX_CLIENTS_TRACKED:  # a flood of addresses: the stalest go first
+                self._failures.popitem(last=False)
 
     def succeeded(self, client: str) -> None:
         with self._lock:
@@ -116,15 +117,18 @@ class LoginThrottle:
         return failures
 
 
-def csrf_token(secret: bytes, cookie: str) -> str:
-    """The token a form of this browser carries: an HMAC of its CSRF cookie under the server's secret."""
-    return hmac.new(secret, cookie.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()
+def csrf_token(secret: bytes, cookie: str, session: str | None = None) -> str:
+    """The token a form of this browser carries: an HMAC of its CSRF cookie (and, once signed in, its
+    session) under the server's secret, so a pair taken from the login page is no use after it."""
+    message = f"{cookie}\0{session or ''}".encode("utf-8", "surrogateescape")
+    return hmac.new(secret, message, hashlib.sha256).hexdigest()
 
 
-def csrf_ok(secret: bytes, cookie: str | None, submitted: str | None) -> bool:
+def csrf_ok(secret: bytes, cookie: str | None, submitted: str | None, session: str | None = None) -> bool:
     if not cookie or not submitted:
         return False
-    return hmac.compare_digest(csrf_token(secret, cookie), submitted)
+    return hmac.compare_digest(csrf_token(secret, cookie, session).encode(),
+                               submitted.encode("utf-8", "surrogateescape"))
 
 
 def is_loopback_host(host_header: str | None) -> bool:

@@ -29,6 +29,8 @@ class DashboardServer:
     def __init__(self, app: DashboardApp, listen: str) -> None:
         self.app = app
         self.host, self.port = parse_listen(listen, "dashboard.listen")
+        if self.host.lower() == "localhost":  # one address: waitress would serve ::1 and 127.0.0.1 as two servers
+            self.host = "127.0.0.1"
         self._server = None
         self._thread: threading.Thread | None = None
 
