@@ -118,7 +118,8 @@ class Scheduler:
         self.gate = SubmitGate(self.max_in_flight)
         self.reload_hook: Callable[[], None] = lambda: None
         """Re-reads what can change without a restart (configuration, key); set by the service, run on SIGHUP."""
-        self.status_hook: Callable[[str], None] = lambda text: None
+        self.status_hook: Callable[[str], None] | None = None
+        """Shows `activity()` to a supervisor (systemd's STATUS=); None: nobody to show it to."""
         """Hears `activity()` every heartbeat (the service tells systemd); it must not block."""
         self._reload_requested = False
         self._finished: queue.SimpleQueue[_Running] = queue.SimpleQueue()
@@ -491,7 +492,8 @@ class Scheduler:
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + HEARTBEAT_SECONDS
             self.ctx.journal.beat()  # a touched file, never a synced write: idle costs the disk nothing
-            self.status_hook(self.activity())
+            if self.status_hook is not None:  # two counts every two seconds are not worth making for nobody
+                self.status_hook(self.activity())
 
     _next_preview_sweep = 0.0
     _preview_sweeper: threading.Thread | None = None

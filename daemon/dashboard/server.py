@@ -18,9 +18,10 @@ log = structlog.get_logger("daemon.dashboard")
 
 WORKER_THREADS = 4
 """Requests served at once: a page and its previews, a person or two and a Prometheus looking."""
-LOOP_TIMEOUT_SECONDS = 2
-"""waitress's own loop wakes this often while idle (to close idle connections); a stop pulls its
-trigger and does not wait for it."""
+LOOP_TIMEOUT_SECONDS = 30
+"""waitress's own loop wakes this often while idle, to close connections idle for CHANNEL_TIMEOUT: a
+station's dashboard is mostly not looked at, and a stop pulls the loop's trigger rather than wait."""
+CHANNEL_TIMEOUT = 60
 
 
 class DashboardServer:
@@ -44,7 +45,7 @@ class DashboardServer:
 
         self._server = waitress.server.create_server(
             self.app, host=self.host, port=self.port, threads=WORKER_THREADS, ident="codeformer-daemon",
-            asyncore_loop_timeout=LOOP_TIMEOUT_SECONDS, connection_limit=32, channel_timeout=60,
+            asyncore_loop_timeout=LOOP_TIMEOUT_SECONDS, connection_limit=32, channel_timeout=CHANNEL_TIMEOUT,
             max_request_body_size=64 * 1024, expose_tracebacks=False, clear_untrusted_proxy_headers=True)
         self.port = self._server.effective_port
         self._thread = threading.Thread(target=self._server.run, name="dashboard", daemon=True)
