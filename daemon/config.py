@@ -14,6 +14,7 @@ import os
 import re
 import types
 import typing
+import zoneinfo
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -232,6 +233,19 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class BudgetConfig:
+    """What may be spent: limits in images per day and per calendar month, and the price for display."""
+
+    price_per_image: float | None = field(default=None, metadata=_range(0, 1_000_000))
+    """What one accepted submit costs, shown as money in `status`; None: counts only."""
+    currency: str = "USD"
+    daily_limit: int | None = field(default=None, metadata=_range(1, 10_000_000))
+    monthly_limit: int | None = field(default=None, metadata=_range(1, 100_000_000))
+    timezone: str | None = None
+    """An IANA zone name for "day" and "month" (e.g. Europe/Berlin); None: the system's local time."""
+
+
+@dataclass(frozen=True)
 class DashboardConfig:
     """The local web dashboard and its /metrics: off unless `listen` is set."""
 
@@ -261,6 +275,7 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
     shutdown_timeout: float = field(default=20.0, metadata=_range(1.0, 3600))
 
 
@@ -502,6 +517,20 @@ def _validate_dashboard(config: Config) -> None:
         raise ConfigError(f"dashboard.token_file: {dashboard.token_file} does not exist or is not a file")
 
 
+def _validate_budget(budget: BudgetConfig) -> None:
+    if budget.timezone is not None:
+        try:
+            zoneinfo.ZoneInfo(budget.timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ConfigError(f"budget.timezone: unknown time zone {budget.timezone!r} (an IANA name such as "
+                              "Europe/Berlin or America/New_York)") from None
+    if not re.fullmatch(r"[A-Za-z]{3}", budget.currency):
+        raise ConfigError(f"budget.currency: expected a three-letter currency code such as USD, got {budget.currency!r}")
+    if budget.daily_limit and budget.monthly_limit and budget.daily_limit > budget.monthly_limit:
+        raise ConfigError(f"budget.daily_limit: {budget.daily_limit} is more than budget.monthly_limit "
+                          f"({budget.monthly_limit}); the monthly limit would always stop submits first")
+
+
 def resolve_dashboard_token(config: Config, environ: typing.Mapping[str, str] | None = None) -> Secret | None:
     """The dashboard's access token: dashboard.token_file, else $CREDENTIALS_DIRECTORY/dashboard_token.
 
@@ -552,6 +581,7 @@ def validate(config: Config) -> None:
     _validate_hosting_adapter(config)
     _validate_c2pa(config.output.c2pa)
     _validate_dashboard(config)
+    _validate_budget(config.budget)
 
     inbox = config.folders.inbox
     if not inbox.is_dir():

@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 
 class JobState(str, enum.Enum):
@@ -109,9 +109,16 @@ class Job:
     finished_at: float | None = None
     duplicate_of: int | None = None
     """The earlier job with the same content and parameters whose result this one reused."""
+    profile: str | None = None
+    """The profile (or folder settings file) whose settings the file was taken with; None: the top level."""
+    output_settings: dict[str, Any] | None = None
+    """The `output:` settings in force when the file was taken (a profile's merged over the top
+    level); None for jobs taken before they were recorded: the configuration's current ones."""
 
 
 _JOB_COLUMNS = [f.name for f in fields(Job)]
+JSON_COLUMNS = ("params", "output_settings")
+"""Job columns stored as JSON text."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -141,7 +148,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     updated_at REAL NOT NULL,
     submitted_at REAL,
     finished_at REAL,
-    duplicate_of INTEGER
+    duplicate_of INTEGER,
+    profile TEXT,
+    output_settings TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_content ON jobs(sha256);
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_one_active_per_path
@@ -160,6 +169,14 @@ CREATE INDEX IF NOT EXISTS job_events_by_job ON job_events(job_id);
 CREATE INDEX IF NOT EXISTS job_events_by_state_at ON job_events(to_state, at);
 CREATE INDEX IF NOT EXISTS jobs_by_state_updated ON jobs(state, updated_at);
 CREATE TABLE IF NOT EXISTS retry_requests (job_id INTEGER PRIMARY KEY, requested_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS charges (
+    id INTEGER PRIMARY KEY,
+    job_id INTEGER NOT NULL,
+    request_id TEXT,
+    at REAL NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('charged', 'refunded', 'possibly_charged'))
+);
+CREATE INDEX IF NOT EXISTS charges_by_at ON charges(at);
 """
 
 MIGRATIONS: dict[int, str] = {
@@ -176,6 +193,18 @@ MIGRATIONS: dict[int, str] = {
     6: """
         CREATE INDEX IF NOT EXISTS job_events_by_state_at ON job_events(to_state, at);
         CREATE INDEX IF NOT EXISTS jobs_by_state_updated ON jobs(state, updated_at);
+    """,
+    7: """
+        ALTER TABLE jobs ADD COLUMN profile TEXT;
+        ALTER TABLE jobs ADD COLUMN output_settings TEXT;
+        CREATE TABLE IF NOT EXISTS charges (
+            id INTEGER PRIMARY KEY,
+            job_id INTEGER NOT NULL,
+            request_id TEXT,
+            at REAL NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN ('charged', 'refunded', 'possibly_charged'))
+        );
+        CREATE INDEX IF NOT EXISTS charges_by_at ON charges(at);
     """,
 }
 """SQL that takes an existing journal from version N-1 to N; a new journal gets `_SCHEMA` directly."""
@@ -199,7 +228,9 @@ def heartbeat_file(state_dir: Path, environ: Mapping[str, str] = os.environ) -> 
 def _row_to_job(row: sqlite3.Row) -> Job:
     data = {name: row[name] for name in _JOB_COLUMNS}
     data["state"] = JobState(data["state"])
-    data["params"] = json.loads(data["params"])
+    for name in JSON_COLUMNS:
+        if data[name] is not None:
+            data[name] = json.loads(data[name])
     return Job(**data)
 
 
@@ -385,8 +416,9 @@ class Journal:
             raise ValueError(f"unknown job columns: {sorted(unknown)}")
         now = self._clock()
         values = dict(changes, state=to_state.value, updated_at=now)
-        if "params" in values:
-            values["params"] = json.dumps(values["params"], sort_keys=True)
+        for name in JSON_COLUMNS:
+            if name in values and values[name] is not None:
+                values[name] = json.dumps(values[name], sort_keys=True)
         assignments = ", ".join(f"{name} = ?" for name in values)
         with self.transaction() as cur:
             cur.execute(f"UPDATE jobs SET {assignments} WHERE id = ? AND state = ?",

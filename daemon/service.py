@@ -97,13 +97,15 @@ def reloaded_config(old: Config, new: Config) -> tuple[Config, list[str]]:
 
     What is read afresh for each new job or check applies at once: `restore` (for files taken from
     now on; a job keeps the parameters recorded when it was taken), `output` (for results delivered
-    from now on; a new signing key is checked first), `preflight`, `logging`,
-    `shutdown_timeout`, and `api.api_key_file` (the key). The rest is wired into parts that are
-    running (folders and state_dir, the watcher, the host and its listening socket, the HTTP
-    client's timeouts, the scheduler's slots and poll clock): it keeps its old value until a restart.
+    from now on; a new signing key is checked first), `preflight`, `logging`, `budget` (its limits
+    at the next submit), `shutdown_timeout`, and `api.api_key_file` (the key). The rest is wired into
+    parts that are running (folders and state_dir, the watcher, the host and its listening socket, the
+    dashboard and its listener, the HTTP client's timeouts, the scheduler's slots and poll clock): it
+    keeps its old value until a restart.
     """
     applied = dataclasses.replace(new, folders=old.folders, state_dir=old.state_dir, hosting=old.hosting,
-                                  watch=old.watch, api=dataclasses.replace(old.api, api_key_file=new.api.api_key_file))
+                                  watch=old.watch, dashboard=old.dashboard,
+                                  api=dataclasses.replace(old.api, api_key_file=new.api.api_key_file))
     return applied, list(config_changes(applied, new))
 
 

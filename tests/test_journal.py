@@ -128,7 +128,7 @@ def test_a_version_1_journal_is_migrated_in_place_keeping_its_jobs(tmp_path):
     db.executescript(V1_SCHEMA)
     db.close()
     journal = Journal(path)
-    assert journal.get_meta("schema_version") == str(SCHEMA_VERSION) == "6"
+    assert journal.get_meta("schema_version") == str(SCHEMA_VERSION) == "7"
     [job] = journal.jobs_in(JobState.SUBMITTED)
     assert job.request_id == "req-from-v1" and job.duplicate_of is None
     journal.update(job, duplicate_of=None, sha256="abc")  # v2: the new column and index are usable
@@ -146,6 +146,11 @@ def test_a_version_1_journal_is_migrated_in_place_keeping_its_jobs(tmp_path):
     plan = journal._db.execute("EXPLAIN QUERY PLAN SELECT * FROM jobs WHERE state = 'failed' "
                                "ORDER BY updated_at DESC LIMIT 10").fetchall()
     assert "jobs_by_state_updated" in str([tuple(r) for r in plan])  # the recent failures, without a sort
+    job = journal.update(journal.get(job.id), profile="portraits", output_settings={"format": "jpeg"})
+    assert (job.profile, job.output_settings) == ("portraits", {"format": "jpeg"})  # v7: what a job was taken with
+    assert journal.get(job.id).output_settings == {"format": "jpeg"}
+    journal._db.execute("INSERT INTO charges(job_id, request_id, at, kind) VALUES (?, 'r', 1.0, 'charged')",
+                        (job.id,))  # v7: the ledger
     journal.close()
 
 
