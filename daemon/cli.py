@@ -74,6 +74,35 @@ def _age(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
+def _budget_lines(budget: dict) -> list[str]:
+    """"budget (Europe/Berlin): today 3 of 3 images (0 left), this month 3 (no limit); 2 queued" and,
+    with a price, the money spent and what the queue will cost."""
+    from .budget import money_text
+
+    def period(name: str, figures: dict) -> str:
+        if figures["limit"] is None:
+            return f"{name} {figures['used']} (no limit)"
+        return f"{name} {figures['used']} of {figures['limit']} images ({figures['remaining']} left)"
+
+    day, month, currency = budget["day"], budget["month"], budget["currency"]
+    lines = [f"budget ({budget['timezone']}): {period('today', day)}, {period('this month', month)}; "
+             f"{budget['queued']} queued"]
+    if budget["price_per_image"] is not None:
+        lines.append(f"spent: today {money_text(day['spent'], currency)}, this month "
+                     f"{money_text(month['spent'], currency)}; the queued files will cost "
+                     f"{money_text(budget['queued_cost'], currency)}")
+    return lines
+
+
+def _taken_with(job: dict) -> str:
+    """" [portraits: upscale 4, fidelity 0.7]": the settings a status row's job was taken with."""
+    params = job.get("params") or {}
+    shown = [f"{name} {params[key]}" for key, name in (("upscale", "upscale"), ("codeformer_fidelity", "fidelity"))
+             if key in params]
+    profile = f"{job['profile']}: " if job.get("profile") else ""
+    return f" [{profile}{', '.join(shown)}]" if shown or profile else ""
+
+
 def render_status(summary: dict) -> str:
     lines = []
     beat = summary["heartbeat_age_seconds"]
@@ -86,10 +115,14 @@ def render_status(summary: dict) -> str:
         lines.append(f"oldest waiting: #{oldest['job_id']} {oldest['file']}, {_age(oldest['age_seconds'])}")
     if summary.get("inbox_unavailable"):
         lines.append(f"inbox: unavailable ({summary['inbox_unavailable']})")
+    for reason in (summary.get("settings_invalid") or {}).values():
+        lines.append(f"folder settings invalid: {reason} (the files it applies to wait in the inbox until it is fixed)")
     counts = {k: v for k, v in summary["counts"].items() if v}
     lines.append("jobs: " + (", ".join(f"{k} {v}" for k, v in counts.items()) or "none"))
     if "submits_today" in summary:
         lines.append(f"submits today: {summary['submits_today']}, this month: {summary['submits_this_month']}")
+    if summary.get("budget"):
+        lines.extend(_budget_lines(summary["budget"]))
     lines.append(f"submissions spent: {summary['submissions_spent']}, duplicates skipped: "
                  f"{summary['duplicates_skipped']}, ambiguous submits found at restart: "
                  f"{summary['ambiguous_at_restart']}, delivered unchanged (no face restored): "
@@ -98,11 +131,12 @@ def render_status(summary: dict) -> str:
         lines.append("in flight:")
         for job in summary["in_flight"]:
             remote = f" {job['remote_status']}" if job["remote_status"] else ""
-            lines.append(f"  #{job['job_id']} {job['file']}: {job['state']}{remote}, {_age(job['age_seconds'])}")
+            lines.append(f"  #{job['job_id']} {job['file']}: {job['state']}{remote}, {_age(job['age_seconds'])}"
+                         f"{_taken_with(job)}")
     if summary["recent_failures"]:
         lines.append("recent failures:")
         for job in summary["recent_failures"]:
-            lines.append(f"  #{job['job_id']} {job['file']}: {job['reason']}")
+            lines.append(f"  #{job['job_id']} {job['file']}: {job['reason']}{_taken_with(job)}")
     return "\n".join(lines)
 
 

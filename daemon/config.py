@@ -29,6 +29,10 @@ MIN_DASHBOARD_TOKEN_LENGTH = 16
 PROVIDER_BASE_URL = "https://gateway.pixazo.ai/codeformer-image-restoration/v1"
 PROVIDER_STATUS_URL = "https://gateway.pixazo.ai/v2/requests/status"
 
+UPSCALE_AUTO = "auto"
+FOLDER_SETTINGS_FILE = "codeformer.yaml"
+"""A folder's own restore: and output: settings, for it and below; never taken as a scan (daemon.profiles)."""
+
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message names the key and the problem."""
@@ -67,6 +71,11 @@ def _choice(*options: str) -> dict[str, Any]:
     return {"choices": options}
 
 
+def _or_words(*words: str) -> dict[str, Any]:
+    """Words accepted besides a number in range (upscale: auto)."""
+    return {"words": words}
+
+
 @dataclass(frozen=True)
 class FoldersConfig:
     """Where scans arrive, where restorations go, and where originals end up."""
@@ -100,10 +109,21 @@ class RestoreConfig:
     codeformer_fidelity: float = field(default=0.5, metadata=_range(0.0, 1.0))
     background_enhance: bool = True
     face_upsample: bool = True
-    upscale: int = field(default=2, metadata=_range(1, 8))
+    upscale: int | str = field(default=2, metadata=_range(1, 8) | _or_words(UPSCALE_AUTO))
+    """A factor, or "auto": chosen per scan from its size, once it is checked (see daemon.profiles)."""
+    max_output_megapixels: float = field(default=60.0, metadata=_range(1, 10_000))
+    """With upscale auto: the largest factor whose output stays within this many megapixels."""
+    max_upscale: int = field(default=4, metadata=_range(1, 8))
+    """With upscale auto: the highest factor it may choose."""
 
     def as_request(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The provider's parameters. With upscale auto, the rule instead of a factor (`upscale: "auto"`
+        with its two limits), which `daemon.profiles.resolve_upscale` turns into one before the submit."""
+        request = {"codeformer_fidelity": self.codeformer_fidelity, "background_enhance": self.background_enhance,
+                   "face_upsample": self.face_upsample, "upscale": self.upscale}
+        if self.upscale == UPSCALE_AUTO:
+            request.update(max_upscale=self.max_upscale, max_output_megapixels=self.max_output_megapixels)
+        return request
 
 
 @dataclass(frozen=True)
@@ -264,6 +284,26 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class ProfileConfig:
+    """Settings for the files whose path in the inbox matches `match`, merged over the top level.
+
+    Only the keys the profile sets are kept (as in the YAML): they are merged over the top level's
+    values when a file is taken, so a reload that changes the top level changes them too.
+    """
+
+    match: str
+    """A glob relative to the inbox: `*` within a folder, `**` any depth (daemon.profiles.glob_matches)."""
+    name: str | None = None
+    """Shown in `status`, the log and error records; None: the `match` pattern."""
+    restore: dict[str, Any] = field(default_factory=dict)
+    output: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return self.name or self.match
+
+
+@dataclass(frozen=True)
 class Config:
     folders: FoldersConfig
     state_dir: Path
@@ -276,6 +316,8 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
+    profiles: tuple[ProfileConfig, ...] = ()
+    """First match wins; see daemon.profiles for how they and the folders' codeformer.yaml files merge."""
     shutdown_timeout: float = field(default=20.0, metadata=_range(1.0, 3600))
 
 
@@ -313,6 +355,8 @@ def _convert(value: Any, hint: Any, key: str, base_dir: Path) -> Any:
             raise ConfigError(f"{key}: expected a path, got {value!r}")
         path = Path(value).expanduser()
         return path if path.is_absolute() else (base_dir / path)
+    if origin is tuple and typing.get_args(hint)[0] is ProfileConfig:
+        return _build_profiles(value, key)
     if origin is tuple:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{key}: expected a list of texts, got {value!r}")
@@ -353,10 +397,89 @@ def _build(cls: type, data: Any, prefix: str, base_dir: Path) -> Any:
             if no_default:
                 raise ConfigError(f"{key}: required key is missing")
             continue
+        if isinstance(data[name], str) and f.metadata.get("words"):
+            values[name] = _word(data[name], f.metadata, key)
+            continue
         value = _convert(data[name], hints[name], key, base_dir)
         _check_metadata(value, f.metadata, key)
         values[name] = value
     return cls(**values)
+
+
+def _word(value: str, meta: typing.Mapping[str, Any], key: str) -> str:
+    """A word allowed in place of a number (upscale: auto), in any case; ConfigError naming `key`."""
+    word = value.strip().lower()
+    if word not in meta["words"]:
+        low, high = meta.get("range", (None, None))
+        raise ConfigError(f"{key}: expected {low} to {high} or {' or '.join(meta['words'])}, got {value!r}")
+    return word
+
+
+PROFILE_SECTIONS = ("restore", "output")
+"""What a profile or a folder's codeformer.yaml may set: the top level's sections of the same names."""
+
+
+def _build_profiles(value: Any, key: str) -> tuple[ProfileConfig, ...]:
+    """The `profiles:` list. Here each entry's own keys are checked; its values are checked by
+    `validate`, merged over the top level as a file taken with it would have them."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected a list of profiles (each with match:), got {type(value).__name__}")
+    allowed = [f.name for f in dataclasses.fields(ProfileConfig)]
+    profiles = []
+    for index, entry in enumerate(value):
+        where = f"{key}[{index}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: expected a mapping with match: and restore: or output:, got {entry!r}")
+        unknown = sorted(set(entry) - set(allowed), key=str)
+        if unknown:
+            raise ConfigError(f"{where}.{unknown[0]}: unknown key (allowed here: {', '.join(allowed)})")
+        if "match" not in entry:
+            raise ConfigError(f"{where}.match: required key is missing")
+        sections = {}
+        for section in PROFILE_SECTIONS:
+            data = entry.get(section)
+            if data is not None and not isinstance(data, dict):
+                raise ConfigError(f"{where}.{section}: expected a mapping of keys, got {type(data).__name__}")
+            sections[section] = dict(data or {})
+        name = entry.get("name")
+        profiles.append(ProfileConfig(match=_convert(entry["match"], str, f"{where}.match", Path()).strip(),
+                                      name=None if name is None else _convert(name, str, f"{where}.name", Path()),
+                                      **sections))
+    return tuple(profiles)
+
+
+def _fields_of(obj: Any) -> dict[str, Any]:
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+
+
+def restore_with(base: RestoreConfig, overrides: typing.Mapping[str, Any], where: str = "restore") -> RestoreConfig:
+    """`base` with `overrides` (keys as in the YAML) merged over it, each checked as at the top level;
+    an error names the key under `where` (profiles[1].restore.upscale)."""
+    return _build(RestoreConfig, {**_fields_of(base), **overrides}, where, Path())
+
+
+def output_with(base: OutputConfig, overrides: typing.Mapping[str, Any], where: str = "output") -> OutputConfig:
+    """As `restore_with`, for `output:`. Signing (c2pa) stays the top level's: its key is proved at start."""
+    if "c2pa" in overrides:
+        raise ConfigError(f"{where}.c2pa: set only in the top-level output: section (its key and certificate "
+                          "are checked when the daemon starts)")
+    values = _fields_of(base)
+    del values["c2pa"]
+    return dataclasses.replace(_build(OutputConfig, {**values, **overrides}, where, Path()), c2pa=base.c2pa)
+
+
+def _validate_profiles(config: Config) -> None:
+    """Each profile merged over the top level, as a file taken with it gets it; errors name profiles[i]."""
+    inbox = str(config.folders.inbox)
+    for index, profile in enumerate(config.profiles):
+        where = f"profiles[{index}]"
+        if profile.match.startswith(inbox.rstrip("/") + "/"):
+            raise ConfigError(f"{where}.match: a pattern relative to folders.inbox, such as "
+                              f"{profile.match[len(inbox):].strip('/')!r}, not a full path")
+        restore_with(config.restore, profile.restore, f"{where}.restore")
+        output_with(config.output, profile.output, f"{where}.output")
 
 
 def _check_url(value: str, key: str) -> None:
@@ -582,6 +705,7 @@ def validate(config: Config) -> None:
     _validate_c2pa(config.output.c2pa)
     _validate_dashboard(config)
     _validate_budget(config.budget)
+    _validate_profiles(config)
 
     inbox = config.folders.inbox
     if not inbox.is_dir():

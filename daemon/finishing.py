@@ -22,13 +22,14 @@ import structlog
 
 from .api import DownloadError
 from .context import Context, changed_since_taken, pinned_original, remove_staged, require_inbox, unpublish
-from .journal import Job, JobState, StaleTransition
+from .journal import Charge, Job, JobState, StaleTransition
 from .logging import mask_secrets
 from .outbox import claim_name, finish_temp, free_name, move_to, temporary_file, write_json_atomically
 from .output.pipeline import BadResult, Origin, OutputFacts, pixel_cap, rendered
 from .pacing import full_jitter
 from .preflight import sha256_of
 from .previews import wanted as wanted_preview
+from .profiles import output_config
 
 log = structlog.get_logger("daemon.finishing")
 
@@ -99,7 +100,8 @@ def write_result(ctx: Context, job: Job, fill: Callable[[BinaryIO], object], *,
         fill(f)
         finish_temp(f)
         title = PurePosixPath(job.rel_path).stem
-        with rendered(raw, directory, origin, ctx.config.output, cap, title=title, c2pa_key=ctx.c2pa_key,
+        output_settings = output_config(job.output_settings, ctx.config.output)  # as when the file was taken
+        with rendered(raw, directory, origin, output_settings, cap, title=title, c2pa_key=ctx.c2pa_key,
                       preview=wanted_preview(ctx.config, job.id, "after", upright=True)) as (final, facts):
             output = place_output(ctx, job, final, ctx.folders.output_path(job.rel_path, facts.extension))
     if facts.sidecar is not None:
@@ -206,12 +208,28 @@ def _move_original(ctx: Context, job: Job, source: Path, wanted: Path) -> Job:
 # --------------------------------------------------------------------------- fail
 
 
-def fail(ctx: Context, job: Job, kind: str, reason: str, *, api_error: str | None = None) -> None:
-    """Any unfinished state -> FAILING (recorded first) -> original to failed/ with its reason."""
+def add_to_ledger(ctx: Context, job: Job, kind: Charge) -> None:
+    """Write `job`'s line in the ledger of charges; call it inside the transaction of the move that causes it.
+
+    A charge and its refund are both dated with the accepted submit (`submitted_at`), so a refund
+    frees a place in the day and month that submit was counted in, whenever its ERROR came; a
+    possible charge is dated now (a job sent again after an ERROR still holds the older submit's time).
+    """
+    dated = job.submitted_at if kind is not Charge.POSSIBLY_CHARGED and job.submitted_at is not None else ctx.wall()
+    ctx.journal.record_charge(job.id, job.request_id, dated, kind)
+
+
+def fail(ctx: Context, job: Job, kind: str, reason: str, *, api_error: str | None = None,
+         charge: Charge | None = None) -> None:
+    """Any unfinished state -> FAILING (recorded first, in one commit with the ledger line `charge` when
+    the failure causes one) -> original to failed/ with its reason."""
     reason = mask_secrets(reason)
     api_error = mask_secrets(api_error) if api_error else api_error
     try:
-        job = ctx.journal.transition(job, JobState.FAILING, reason, error_kind=kind, last_error=reason)
+        with ctx.journal.transaction():
+            job = ctx.journal.transition(job, JobState.FAILING, reason, error_kind=kind, last_error=reason)
+            if charge is not None:
+                add_to_ledger(ctx, job, charge)
     except StaleTransition:
         return
     ctx.metrics.job_failed(kind)
@@ -239,6 +257,8 @@ def finish_failing(ctx: Context, job: Job, api_error: str | None = None) -> None
             "request_id": job.request_id,
             "api_error": api_error,
             "submit_attempts": job.submit_attempts,
+            "profile": job.profile,
+            "params": job.params,
             "job_id": job.id,
             "history": [{"at": iso(e["at"]), "from": e["from_state"], "to": e["to_state"], "detail": e["detail"]}
                         for e in ctx.journal.history(job.id)],

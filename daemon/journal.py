@@ -76,6 +76,17 @@ class StaleTransition(Exception):
     """A compare-and-set found the job no longer in the expected state: someone else moved it."""
 
 
+class Charge(str, enum.Enum):
+    """One line of the ledger of paid submits (table `charges`); the value is what SQLite stores."""
+
+    CHARGED = "charged"
+    """The provider accepted a submit: one image paid for."""
+    REFUNDED = "refunded"
+    """The provider ended that submit with ERROR ("system error - not charged"): it cancels the charge."""
+    POSSIBLY_CHARGED = "possibly_charged"
+    """A submit whose answer was lost (or cut off by a stop): counted as paid, since it may have been."""
+
+
 @dataclass(frozen=True)
 class Job:
     """One file's journey, as stored in one journal row."""
@@ -114,6 +125,18 @@ class Job:
     output_settings: dict[str, Any] | None = None
     """The `output:` settings in force when the file was taken (a profile's merged over the top
     level); None for jobs taken before they were recorded: the configuration's current ones."""
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """A settled file to record as a job, with the settings it is taken with (see daemon.profiles)."""
+
+    rel_path: str
+    size: int
+    mtime_ns: int
+    params: dict[str, Any]
+    profile: str | None = None
+    output_settings: dict[str, Any] | None = None
 
 
 _JOB_COLUMNS = [f.name for f in fields(Job)]
@@ -374,19 +397,26 @@ class Journal:
         added = self.add_jobs([(rel_path, size, mtime_ns)], params)
         return added[0] if added else None
 
-    def add_jobs(self, files: list[tuple[str, int, int]], params: dict[str, Any]) -> list[Job]:
-        """Record new files (rel_path, size, mtime_ns) as PENDING in one transaction: one commit for a
-        burst, not one per file. A path that already has an unfinished job is skipped."""
+    def add_jobs(self, files: Sequence[NewJob | tuple[str, int, int]],
+                 params: dict[str, Any] | None = None) -> list[Job]:
+        """Record new files as PENDING in one transaction: one commit for a burst, not one per file.
+
+        Each file is a `NewJob` with its own settings, or (rel_path, size, mtime_ns) taken with
+        `params`. A path that already has an unfinished job is skipped.
+        """
         now = self._clock()
-        encoded = json.dumps(params, sort_keys=True)
         ids: list[int] = []
         with self.transaction() as cur:
-            for rel_path, size, mtime_ns in files:
+            for new in files:
+                if not isinstance(new, NewJob):
+                    new = NewJob(*new, params=params if params is not None else {})
+                output = json.dumps(new.output_settings, sort_keys=True) if new.output_settings is not None else None
                 try:
                     cur.execute(
-                        "INSERT INTO jobs(rel_path, state, size, mtime_ns, params, created_at, updated_at) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (rel_path, JobState.PENDING.value, size, mtime_ns, encoded, now, now))
+                        "INSERT INTO jobs(rel_path, state, size, mtime_ns, params, profile, output_settings, "
+                        "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (new.rel_path, JobState.PENDING.value, new.size, new.mtime_ns,
+                         json.dumps(new.params, sort_keys=True), new.profile, output, now, now))
                 except sqlite3.IntegrityError:
                     continue
                 ids.append(cur.lastrowid)
@@ -481,6 +511,37 @@ class Journal:
             if row is not None:
                 return None, _row_to_job(row)
             return self.transition(job, JobState.SUBMITTING, detail), None
+
+    # ------------------------------------------------------------------ the ledger of charges
+
+    def record_charge(self, job_id: int, request_id: str | None, at: float, kind: Charge) -> None:
+        """Add one line to the ledger, dated `at` (wall time). Called inside the caller's `transaction()`,
+        it commits with the job's move that causes it (accepted, ended with ERROR, failed as ambiguous):
+        one submit is never counted twice, nor lost to a crash between the two writes.
+
+        A refund is dated by its caller with the charge it cancels (the submit's time), so it frees a
+        place in the period that charge was counted in: a submit at 23:59 refunded at 00:01 never
+        makes room for an extra image the next day. When the ERROR came is in the job's history.
+        """
+        with self.transaction() as cur:
+            cur.execute("INSERT INTO charges(job_id, request_id, at, kind) VALUES (?, ?, ?, ?)",
+                        (job_id, request_id, at, Charge(kind).value))
+
+    def charged_between(self, since: float, until: float) -> int:
+        """Images paid for in [since, until) (wall time): charges and possible charges, less refunds,
+        dated in it; one range of the `at` index. Never below 0 (a refund of a submit made before the
+        ledger existed has no charge to cancel)."""
+        with self._lock:
+            row = self._db.execute("SELECT sum(CASE kind WHEN 'refunded' THEN -1 ELSE 1 END) FROM charges "
+                                   "WHERE at >= ? AND at < ?", (since, until)).fetchone()
+        return max(0, int(row[0] or 0))
+
+    def last_charge_id(self) -> int:
+        """The id of the ledger's newest line (0: empty). It changes exactly when a line is added, so a
+        reader may keep its sums until it does (the loop asks every pass; this is one index seek)."""
+        with self._lock:
+            row = self._db.execute("SELECT max(id) FROM charges").fetchone()
+        return int(row[0] or 0)
 
     # ------------------------------------------------------------------ retry requests (from the CLI)
 
@@ -625,10 +686,12 @@ class Journal:
             "job_id": j.id, "file": j.rel_path, "state": j.state.value, "request_id": j.request_id,
             "remote_status": j.remote_status,
             "age_seconds": round(now - (j.submitted_at or j.created_at), 1),
+            "profile": j.profile, "params": j.params,
         } for j in self.jobs_in(*watching)]
         failures = [{
             "job_id": j.id, "file": j.rel_path, "reason": j.last_error, "stage": j.error_kind,
             "request_id": j.request_id, "moved_to": j.final_path, "at": j.finished_at,
+            "profile": j.profile, "params": j.params,
         } for j in self.recent(JobState.FAILED, recent_failures)]
         with self._lock:
             spent = self._db.execute("SELECT count(*) FROM job_events WHERE to_state = 'submitted'").fetchone()[0]

@@ -84,9 +84,19 @@ def figure_families(report: dict[str, Any] | None) -> list[Metric]:
                                     "Results delivered though only resized (no face found or restored), ever.")
     ambiguous = CounterMetricFamily(PREFIX + "ambiguous_submits_at_restart",
                                     "Submits found cut off by a crash or stop (possibly paid, not resent), ever.")
-    families = [jobs, in_flight, oldest, paused, inbox, spent, duplicates, unchanged, ambiguous]
+    used = GaugeMetricFamily(PREFIX + "budget_used_images",
+                             "Images the ledger counts as paid this day or month (budget.timezone).", labels=["period"])
+    limit = GaugeMetricFamily(PREFIX + "budget_limit_images",
+                              "The budget's limit of images per day or month; absent when none is set.",
+                              labels=["period"])
+    families = [jobs, in_flight, oldest, paused, inbox, spent, duplicates, unchanged, ambiguous, used, limit]
     if report is None:
         return families
+    for period in ("day", "month"):
+        figures = report["budget"][period]
+        used.add_metric([period], figures["used"])
+        if figures["limit"] is not None:
+            limit.add_metric([period], figures["limit"])
     counts = report["counts"]
     for state in JobState:
         jobs.add_metric([state.value], counts.get(state.value, 0))

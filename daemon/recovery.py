@@ -16,7 +16,7 @@ import structlog
 
 from .context import Context, staged_job_id, unpublish
 from .finishing import fail
-from .journal import FINAL_STATES, Job, JobState
+from .journal import FINAL_STATES, Charge, Job, JobState
 from .outbox import remove_temporaries
 from .stages import RESEND_HINT
 
@@ -91,7 +91,7 @@ def _recover_submitting(ctx: Context, job: Job) -> None:
     log.warning("job.ambiguous_at_restart", rel_path=job.rel_path, job_id=job.id)
     fail(ctx, job, "submit_ambiguous",
                 "the daemon stopped while this file's submit was being sent; it is not resent "
-                "automatically so it cannot be paid for twice. " + RESEND_HINT)
+                "automatically so it cannot be paid for twice. " + RESEND_HINT, charge=Charge.POSSIBLY_CHARGED)
 
 
 def _recover_submitted(ctx: Context, job: Job) -> None:

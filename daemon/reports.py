@@ -7,12 +7,14 @@ or a bounded scan, so a journal of 100,000 jobs answers in milliseconds.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from . import control
+from . import budget, control
 from .journal import Job, Journal, JobState
+from .profiles import SETTINGS_META
 from .retry import POSSIBLY_PAID
 
 PAGE_SIZE = 50
@@ -46,7 +48,23 @@ def status_report(journal: Journal, now: float) -> dict[str, Any]:
     report["oldest_pending"] = ({"job_id": oldest[0]["id"], "file": oldest[0]["rel_path"],
                                  "since": oldest[0]["created_at"],
                                  "age_seconds": round(now - oldest[0]["created_at"], 1)} if oldest else None)
+    report["settings_invalid"] = json.loads(journal.get_meta(SETTINGS_META) or "{}")
+    report["budget"] = budget_report(journal, now, queued=report["counts"].get(JobState.PENDING.value, 0))
     return report
+
+
+def ledger_used(journal: Journal, when: budget.Periods) -> budget.Used:
+    """The images the ledger counts as paid in the day and the month of `when`."""
+    return budget.Used(journal.charged_between(when.day_start, when.day_end),
+                       journal.charged_between(when.month_start, when.month_end))
+
+
+def budget_report(journal: Journal, now: float, queued: int) -> dict[str, Any]:
+    """The budget block of `status`: the limits the daemon applies (recorded in the journal by its loop,
+    so every reader shows the same ones), the ledger's counts in their time zone, and the money."""
+    config = budget.decode(journal.get_meta(budget.BUDGET_META))
+    when = budget.periods(now, config.timezone)
+    return budget.summary(config, ledger_used(journal, when), queued, when, now)
 
 
 def restored_per_hour(journal: Journal, now: float, hours: int = HOURS_CHARTED) -> list[int]:

@@ -8,6 +8,7 @@ Every job in flight is polled on its own clock; no thread is parked per job. At 
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import signal
@@ -19,10 +20,12 @@ from dataclasses import dataclass
 
 import structlog
 
-from . import control, previews, recovery, retry, stages
+from . import budget, control, previews, recovery, reports, retry, stages
 from .api import PollVerdict, SubmitVerdict
-from .journal import FINAL_STATES, IN_FLIGHT_STATES, Job, JobState, StaleTransition, heartbeat_file
+from .journal import FINAL_STATES, IN_FLIGHT_STATES, Charge, Job, JobState, StaleTransition, heartbeat_file
+from .journal import NewJob
 from .pacing import NO_BALANCE, PollPlan, SubmitGate, full_jitter, overdue_reason
+from .profiles import HELD_RETRY_SECONDS, SETTINGS_META, FolderSettings, Held
 from .watcher import InboxWatcher
 
 log = structlog.get_logger("daemon.scheduler")
@@ -137,12 +140,15 @@ class Scheduler:
         ctx.poll_now = self.poll_now
         ctx.metrics.follow_in_flight_limit(lambda: self.gate.limit)
         self._poll_requests: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self.folder_settings = FolderSettings(ctx.inbox, ctx.wall)
+        """The settings each new file is taken with: profiles and the folders' codeformer.yaml files."""
 
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> None:
         """Recover what a previous run left, then loop until `stop()`; clean-up in `finally`."""
         self.ctx.journal.start_heartbeat(heartbeat_file(self.ctx.config.state_dir))
+        self._record_budget()
         self.recovering = True
         try:
             recovery.recover(self.ctx, progress=self._recovery_progress)
@@ -174,6 +180,7 @@ class Scheduler:
         finally:
             self.ctx.journal.set_meta("paused", None)
             self.ctx.journal.set_meta("inbox_unavailable", None)  # `status` must not show a stale fact
+            self.ctx.journal.set_meta(SETTINGS_META, None)
 
     def _recovery_progress(self) -> None:
         """Recovery is moving: count it as a pass, so the watchdog keeps being fed through a long one."""
@@ -199,6 +206,12 @@ class Scheduler:
         self._reload_requested = False
         self.reload_hook()
         self.gate.reload(self.clock())
+        self._record_budget()  # a changed limit applies at this pass's submits
+
+    def _record_budget(self) -> None:
+        """Keep the budget in force in the journal: `status`, the dashboard and /metrics read the journal,
+        not the file, so they show the limits this daemon applies (also those of its last run)."""
+        self.ctx.journal.set_meta(budget.BUDGET_META, budget.encode(self.ctx.config.budget))
 
     def stop(self) -> None:
         """Ask the loop to end after its current step, and wake it now (not from a signal handler)."""
@@ -253,10 +266,10 @@ class Scheduler:
         if change == "paused":
             log.error("submits.paused", reason=gate.reason, detail=detail, next_probe_in=round(gate.delay, 1),
                       fix=self._fix_for(gate.reason))
-            self.ctx.journal.set_meta("paused", gate.reason)
+            self._record_pause()
         elif change == "resumed":
             log.info("submits.resumed")
-            self.ctx.journal.set_meta("paused", None)
+            self._record_pause()
         elif change == "rate_limited":
             log.warning("submits.rate_limited", detail=detail, in_flight_limit=gate.limit,
                         max_in_flight=self.max_in_flight)
@@ -277,6 +290,11 @@ class Scheduler:
                     "the key is also re-checked by itself")
         return (f"put a valid key in {source}, then reload (systemctl reload codeformer-daemon, or send "
                 "SIGHUP); the key is also re-checked by itself")
+
+    def _record_pause(self) -> None:
+        """Keep `status` (the journal's "paused") on why submits wait: the provider's refusal first (it
+        needs a fix), else a budget limit reached (it lifts by itself)."""
+        self.ctx.journal.set_meta("paused", self.gate.reason or self.budget_pause)
 
     def _on_poll(self, outcome: stages.StageOutcome, now: float) -> None:
         answer = outcome.poll
@@ -351,20 +369,43 @@ class Scheduler:
             self.wake.set()
 
     def take_new_files(self) -> None:
-        """Settled files from the watcher become PENDING jobs with today's restore parameters."""
+        """Settled files from the watcher become PENDING jobs, each with the settings of its folder
+        (daemon.profiles) as they are now; a file whose folder settings file is invalid waits."""
         if self.stop_requested:
             return
         journal = self.ctx.journal
         sightings = self.watcher.take_settled(journal.active_jobs_for, limit=NEW_FILES_PER_PASS)
-        if not sightings:
+        settings = self.folder_settings.settings_for(self.ctx.config, [s.rel_path for s in sightings])
+        self._follow_folder_settings()
+        held = [s for s in sightings if isinstance(settings[s.rel_path], Held)]
+        if held:
+            self.watcher.hold_back(held)
+        taken = [(s, settings[s.rel_path]) for s in sightings if not isinstance(settings[s.rel_path], Held)]
+        if not taken:
             return
-        waited = {s.rel_path: s.waited for s in sightings}
-        added = journal.add_jobs([(s.rel_path, s.size, s.mtime_ns) for s in sightings],
-                                 self.ctx.config.restore.as_request())
+        waited = {s.rel_path: s.waited for s, _ in taken}
+        added = journal.add_jobs([NewJob(s.rel_path, s.size, s.mtime_ns, chosen.params, chosen.profile, chosen.output)
+                                  for s, chosen in taken])
         self.ctx.metrics.detected(len(added))
         for job in added:
             log.info("file.detected", rel_path=job.rel_path, job_id=job.id, size=job.size,
-                     settle_wait=round(waited[job.rel_path], 3))
+                     settle_wait=round(waited[job.rel_path], 3), profile=job.profile)
+
+    _settings_recorded: dict[str, str] | None = None
+    """What `_follow_folder_settings` last wrote for `status`; None makes the first pass write it."""
+    _next_settings_check = 0.0
+
+    def _follow_folder_settings(self) -> None:
+        """Keep `status` on the folder settings files that hold files back, and notice a fixed or
+        removed one even when no file of its folder comes by (read again every few seconds)."""
+        folder_settings, now = self.folder_settings, self.clock()
+        if folder_settings.problems and now >= self._next_settings_check and self.watcher.available:
+            self._next_settings_check = now + HELD_RETRY_SECONDS
+            folder_settings.recheck(self.ctx.config)
+        if folder_settings.problems != self._settings_recorded:
+            problems = dict(folder_settings.problems)
+            self.ctx.journal.set_meta(SETTINGS_META, json.dumps(problems, sort_keys=True) if problems else None)
+            self._settings_recorded = problems
 
     def fail_overdue_jobs(self) -> None:
         """Jobs the provider has held, or not answered for usably, longer than api.job_timeout go to failed/.
@@ -394,8 +435,13 @@ class Scheduler:
             return
         if self.stop_requested:
             return
+        budget_allows = self._budget_allowance()
+        if budget_allows == 0:  # like an empty wallet: files wait in the inbox, jobs at the provider finish
+            return
         journal = self.ctx.journal
         free = self.gate.limit - journal.count_in(*IN_FLIGHT_STATES)
+        if budget_allows is not None:
+            free = min(free, budget_allows)
         if free <= 0:
             return
         if journal.count_in(JobState.DOWNLOADING) >= RESULTS_WAITING_AT_MOST * self.max_in_flight:
@@ -415,6 +461,44 @@ class Scheduler:
         finally:
             if allowed and not launched:  # a probe handed out but never sent must not keep the gate shut
                 self.gate.launch_ended_without_submit()
+
+    budget_pause: str | None = None
+    """Why the budget holds submits back ("daily limit of 200 images reached"), else None."""
+    budget_resumes_at: float | None = None
+    """While `budget_pause`: the wall time its day or month ends (the loop wakes then by itself)."""
+    _ledger_read: tuple[tuple[int, budget.Periods], budget.Used] | None = None
+
+    def _budget_allowance(self) -> int | None:
+        """How many submits the budget lets start now (None: no limit set), from the ledger and the jobs
+        being launched. Pauses submits when the ledger reaches a limit, and resumes them once a new day
+        or month, a refund or a reload (a limit raised or removed) lifts it."""
+        config, journal = self.ctx.config.budget, self.ctx.journal
+        decision = budget.Allowance(None)
+        if config.daily_limit is not None or config.monthly_limit is not None:
+            when = budget.periods(self.ctx.wall(), config.timezone)
+            launching = journal.count_in(JobState.PUBLISHING, JobState.SUBMITTING)
+            decision = budget.allowance(config, self._ledger_used(when), launching, when)
+        self.budget_resumes_at = decision.resume_at
+        if decision.reason != self.budget_pause:
+            lifted, self.budget_pause = self.budget_pause, decision.reason
+            if decision.reason is not None:
+                log.warning("submits.paused", reason=decision.reason,
+                            resumes_at=budget.moment_text(decision.resume_at, config.timezone),
+                            waiting=journal.count_in(JobState.PENDING),
+                            fix="files wait in the inbox and go on by themselves then; to go on sooner, raise "
+                                "or remove the limit in budget: and reload (systemctl reload codeformer-daemon)")
+            else:
+                log.info("submits.resumed", lifted=lifted)
+            self._record_pause()
+        return decision.may_start
+
+    def _ledger_used(self, when: budget.Periods) -> budget.Used:
+        """The day's and the month's images from the ledger, summed again only once it has grown or a
+        day has turned: the loop asks every pass, and an idle station must not read a month each time."""
+        mark = (self.ctx.journal.last_charge_id(), when)
+        if self._ledger_read is None or self._ledger_read[0] != mark:
+            self._ledger_read = (mark, reports.ledger_used(self.ctx.journal, when))
+        return self._ledger_read[1]
 
     def start_checks_ahead(self) -> None:
         """Preflight the next few pending files while the slots are busy (at most two at a time)."""
@@ -529,8 +613,8 @@ class Scheduler:
         parts = [f"{journal.count_in(*IN_FLIGHT_STATES)} in flight", f"{journal.count_in(JobState.PENDING)} queued"]
         if self.paused_by_person:
             parts.append(f"paused: {control.PAUSED_BY_PERSON}")
-        elif self.gate.reason:
-            parts.append(f"paused: {self.gate.reason}")
+        elif self.gate.reason or self.budget_pause:
+            parts.append(f"paused: {self.gate.reason or self.budget_pause}")
         if self.watcher.unavailable_reason:
             parts.append(f"inbox unavailable: {self.watcher.unavailable_reason}")
         return ", ".join(parts)
@@ -548,6 +632,8 @@ class Scheduler:
         backoff_ends = self.ctx.journal.next_due(BACKING_OFF_STATES, wall)
         if backoff_ends is not None:
             deadlines.append(now + (backoff_ends - wall))
+        if self.budget_resumes_at is not None:  # a new day or month lifts the limit: wake right then
+            deadlines.append(now + (self.budget_resumes_at - wall))
         timeout = min(deadlines) - now
         if timeout > 0:
             self.wake.wait(timeout)
@@ -594,7 +680,8 @@ class Scheduler:
                 self.ctx.journal.transition(current, JobState.PENDING, "error while publishing", hosted_key=None,
                                             **changes)
             elif current.state is JobState.SUBMITTING:
-                stages.fail(self.ctx, current, "submit_ambiguous", f"unexpected error while submitting: {exc}")
+                stages.fail(self.ctx, current, "submit_ambiguous", f"unexpected error while submitting: {exc}",
+                            charge=Charge.POSSIBLY_CHARGED)
             else:
                 self.ctx.journal.update(current, **changes)
         except Exception as inner:  # noqa: BLE001 - e.g. the journal itself is unwritable; retried next pass

@@ -95,9 +95,10 @@ def signing_key(config: Config) -> Path | None:
 def reloaded_config(old: Config, new: Config) -> tuple[Config, list[str]]:
     """The configuration a reload puts in force, and the changed keys it leaves for a restart.
 
-    What is read afresh for each new job or check applies at once: `restore` (for files taken from
-    now on; a job keeps the parameters recorded when it was taken), `output` (for results delivered
-    from now on; a new signing key is checked first), `preflight`, `logging`, `budget` (its limits
+    What is read afresh for each new job or check applies at once: `restore`, `output` and `profiles`
+    (for files taken from now on; a job keeps the parameters and output settings recorded when it was
+    taken), output signing (for results delivered from now on; a new key is checked first),
+    `preflight`, `logging`, `budget` (its limits
     at the next submit), `shutdown_timeout`, and `api.api_key_file` (the key). The rest is wired into
     parts that are running (folders and state_dir, the watcher, the host and its listening socket, the
     dashboard and its listener, the HTTP client's timeouts, the scheduler's slots and poll clock): it

@@ -22,13 +22,14 @@ from .api import PUBLISHED_URL, PollVerdict, SubmitAnswer, SubmitVerdict, choose
 from .context import (Context, InboxUnavailable, StageOutcome, changed_since_taken, remove_staged, require_inbox,
                       size_and_mtime, staged_stem, unpublish)
 from .duplicates import handle_twin, wait_for_twin
-from .finishing import deliver, fail, finish_delivery, finish_failing, placed_output
+from .finishing import add_to_ledger, deliver, fail, finish_delivery, finish_failing, placed_output
 from .hosting import HostingError, key_for_logs, new_key
-from .journal import Job, JobState
+from .journal import Charge, Job, JobState
 from .logging import mask_secrets
 from .pacing import full_jitter
 from .preflight import PreflightError, PreflightResult, check_image, converted_name, pin_holds
 from .previews import wanted as wanted_preview
+from .profiles import resolve_upscale
 
 log = structlog.get_logger("daemon.stages")
 
@@ -114,9 +115,10 @@ def launch(ctx: Context, job: Job) -> StageOutcome:
 def _pinned_check(ctx: Context, job: Job, source: Path) -> tuple[PreflightResult | None, dict[str, Any]]:
     """This job's pinned, checked copy: the one checked ahead if it still holds, else a fresh preflight.
 
-    Returns it with the job columns to record (the content's hash, size and mtime, the pin's path),
-    left to the caller to commit with its next change; None when the job went elsewhere (failed,
-    vanished, or back to waiting for a scan still being written).
+    Returns it with the job columns to record (the content's hash, size and mtime, the pin's path,
+    and with `upscale: auto` the params with the factor chosen for this scan's size, which twins then
+    compare), left to the caller to commit with its next change; None when the job went elsewhere
+    (failed, vanished, or back to waiting for a scan still being written).
     """
     stat_key = size_and_mtime(source)
     checked, *checked_stat_key = ctx.prechecked.pop(job.id, (None, None, None))
@@ -130,8 +132,17 @@ def _pinned_check(ctx: Context, job: Job, source: Path) -> tuple[PreflightResult
             _back_to_waiting(ctx, job, stat_key, "the file changed while it was being checked")
             return None, {}
     size, mtime_ns = stat_key
-    return checked, {"sha256": checked.sha256, "size": size, "mtime_ns": mtime_ns,
-                     "upload_path": str(checked.upload_path)}
+    pinned: dict[str, Any] = {"sha256": checked.sha256, "size": size, "mtime_ns": mtime_ns,
+                              "upload_path": str(checked.upload_path)}
+    params = resolve_upscale(job.params, checked.width, checked.height)
+    if params != job.params:
+        pinned["params"] = params
+        log.info("job.upscale_chosen", rel_path=job.rel_path, job_id=job.id, upscale=params["upscale"],
+                 width=checked.width, height=checked.height,
+                 output_megapixels=round(checked.width * checked.height * params["upscale"] ** 2 / 1e6, 1),
+                 max_upscale=job.params.get("max_upscale"),
+                 max_output_megapixels=job.params.get("max_output_megapixels"))
+    return checked, pinned
 
 
 def check_ahead(ctx: Context, job: Job) -> StageOutcome:
@@ -228,9 +239,12 @@ def _record_submit(ctx: Context, job: Job, answer: SubmitAnswer, took: float) ->
     verdict = answer.verdict
     if verdict is SubmitVerdict.ACCEPTED:
         polling_url = choose_polling_url(answer.polling_url, answer.request_id, ctx.config.api)
-        ctx.journal.transition(job, JobState.SUBMITTED, f"accepted as {answer.request_id}",
-                               request_id=answer.request_id, polling_url=polling_url, remote_status="QUEUED",
-                               submitted_at=ctx.wall(), submit_attempts=job.submit_attempts + 1)
+        with ctx.journal.transaction():  # accepted and paid for: one commit
+            submitted = ctx.journal.transition(
+                job, JobState.SUBMITTED, f"accepted as {answer.request_id}", request_id=answer.request_id,
+                polling_url=polling_url, remote_status="QUEUED", submitted_at=ctx.wall(),
+                submit_attempts=job.submit_attempts + 1)
+            add_to_ledger(ctx, submitted, Charge.CHARGED)
         log.info("job.submitted", rel_path=job.rel_path, job_id=job.id, request_id=answer.request_id,
                  params=job.params, duration=took)
     elif verdict is SubmitVerdict.REJECTED:
@@ -238,7 +252,8 @@ def _record_submit(ctx: Context, job: Job, answer: SubmitAnswer, took: float) ->
     elif verdict is SubmitVerdict.AMBIGUOUS:
         fail(ctx, job, "submit_ambiguous",
              "the submit may have reached the provider but its answer was lost; it is not resent "
-             "automatically so it cannot be paid for twice (" + answer.message + "). " + RESEND_HINT)
+             "automatically so it cannot be paid for twice (" + answer.message + "). " + RESEND_HINT,
+             charge=Charge.POSSIBLY_CHARGED)
     else:
         counts = verdict is SubmitVerdict.RETRY and answer.http_status != 429
         _back_to_pending(ctx, job, answer.message, count_attempt=counts, retry_after=answer.retry_after,
@@ -247,18 +262,24 @@ def _record_submit(ctx: Context, job: Job, answer: SubmitAnswer, took: float) ->
 
 
 def _back_to_pending(ctx: Context, job: Job, reason: str, *, count_attempt: bool,
-                     retry_after: float | None = None, quiet: bool = False) -> StageOutcome:
-    """Unpublish and queue the job again after a delay; fail it once attempts run out."""
+                     retry_after: float | None = None, quiet: bool = False,
+                     charge: Charge | None = None) -> StageOutcome:
+    """Unpublish and queue the job again after a delay; fail it once attempts run out. `charge` is the
+    ledger line this step causes (a refund), committed with the job's move either way."""
     reason = mask_secrets(reason)
     attempts = job.submit_attempts + (1 if count_attempt else 0)
     if attempts >= ctx.config.api.max_attempts:
         job = ctx.journal.update(job, submit_attempts=attempts)
-        fail(ctx, job, "attempts_exhausted", f"gave up after {attempts} attempts; last error: {reason}")
+        fail(ctx, job, "attempts_exhausted", f"gave up after {attempts} attempts; last error: {reason}",
+             charge=charge)
         return StageOutcome(job.id)
     unpublish(ctx, job)
     delay = retry_after if retry_after is not None else full_jitter(attempts, base=1.0, cap=300.0)
-    ctx.journal.transition(job, JobState.PENDING, reason, submit_attempts=attempts, hosted_key=None,
-                           not_before=ctx.wall() + delay, last_error=reason)
+    with ctx.journal.transaction():
+        ctx.journal.transition(job, JobState.PENDING, reason, submit_attempts=attempts, hosted_key=None,
+                               not_before=ctx.wall() + delay, last_error=reason)
+        if charge is not None:
+            add_to_ledger(ctx, job, charge)
     if not quiet:
         log.warning("job.retry_later", rel_path=job.rel_path, job_id=job.id, reason=reason,
                     attempt=attempts, delay=round(delay, 2))
@@ -327,8 +348,9 @@ def poll(ctx: Context, job: Job) -> StageOutcome:
     elif verdict is PollVerdict.ERROR:
         log.warning("job.status", rel_path=job.rel_path, job_id=job.id, request_id=job.request_id,
                     status="ERROR", error=answer.message)
-        # The accepted submit was counted already: an ERROR is not a second attempt.
-        _back_to_pending(ctx, job, f"provider system error (not charged): {answer.message}", count_attempt=False)
+        # The accepted submit was counted already: an ERROR is not a second attempt. Nor is it paid for.
+        _back_to_pending(ctx, job, f"provider system error (not charged): {answer.message}", count_attempt=False,
+                         charge=Charge.REFUNDED)
     else:
         log.warning("job.poll_error", rel_path=job.rel_path, job_id=job.id, request_id=job.request_id,
                     error=answer.message)

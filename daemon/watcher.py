@@ -27,6 +27,7 @@ from pathlib import Path
 import structlog
 from watchdog.observers.api import BaseObserver
 
+from .config import FOLDER_SETTINGS_FILE
 from .mounts import Mount, mount_gone, mount_of, needs_polling, read_mountinfo
 from .observers import (START_FAILURE_FIXES, QueueingHandler, choose_observer, dead_thread, open_for_writing,
                         polling_interval, start_observer, stop_quietly)
@@ -39,6 +40,9 @@ TEMPORARY_SUFFIXES = (".part", ".tmp", ".crdownload")
 HEALTH_CHECK_SECONDS = 2.0
 """How often `check_health` really looks (a stat and a few thread flags); calls in between return at once.
 The main loop wakes for it, so it is also the idle daemon's pulse: every two seconds, not more."""
+
+HELD_BACK_RETRY_SECONDS = 2.0
+"""How often files handed back to `hold_back` are offered again (no stat: a change shows as an event)."""
 
 ActiveJobs = Callable[[Collection[str]], "dict[str, tuple[int, int]]"]
 """Asks the journal which of these paths have an unfinished job: rel_path -> (size, mtime_ns) the
@@ -66,12 +70,13 @@ def _lookup(active_jobs: ActiveJobs, paths: list[str]) -> dict[str, tuple[int, i
 
 
 def is_ignored(rel_path: str, patterns: Iterable[str] = ()) -> bool:
-    """Names a scanner or copier uses while a file is unfinished, hidden files, and user patterns."""
+    """Names a scanner or copier uses while a file is unfinished, hidden files, folder settings files
+    (codeformer.yaml: read for the files beside it, never taken), and user patterns."""
     parts = rel_path.split("/")  # a relative POSIX path, as the watcher makes them (no "." or "" parts)
     if any(part.startswith(".") for part in parts):
         return True
     name = parts[-1]
-    if name.startswith("~") or name.lower().endswith(TEMPORARY_SUFFIXES):
+    if name == FOLDER_SETTINGS_FILE or name.startswith("~") or name.lower().endswith(TEMPORARY_SUFFIXES):
         return True
     return any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(rel_path, p) for p in patterns)
 
@@ -134,6 +139,13 @@ class InboxWatcher:
         """Files that changed while their job was unfinished: offered again once it has ended."""
         self._to_look: dict[str, bool] = {}
         """Files a scan found new, waiting for their first look (path -> found by a new watch's first scan)."""
+        self._held_back: dict[str, Sighting] = {}
+        """Settled files the caller could not take yet (their folder settings are invalid): offered
+        again every `hold_back_seconds`, and at once when a folder settings file changes."""
+        self.hold_back_seconds = HELD_BACK_RETRY_SECONDS
+        self._next_offer_again = 0.0
+        self._settings_changed = False
+        """An event named a folder settings file since the held-back files were last offered."""
 
     @property
     def available(self) -> bool:
@@ -280,8 +292,9 @@ class InboxWatcher:
         has an unfinished job (`active_jobs`) is dropped, not tracked. So a pass costs what changed
         (events, files found new by a rescan, settle times that came), never what is in the inbox.
         A file changed after it was taken, while its job is unfinished, is held and offered again
-        once that job has ended. At most `limit` files are handed back per pass; the rest wait
-        settled for the next pass (the caller's sleep sees `next_deadline` is now). While the inbox
+        once that job has ended; one the caller gave back (`hold_back`) is offered again later. At
+        most `limit` files are handed back per pass; the rest wait settled for the next pass (the
+        caller's sleep sees `next_deadline` is now). While the inbox
         is unavailable nothing is looked at (and nothing forgotten); the rescan when it is back
         catches up.
         """
@@ -297,7 +310,8 @@ class InboxWatcher:
             reported, found_below = self._drain_events(now)
             found |= found_below
             # Found by a scan and followed by nothing yet; those with a job are the journal's to know.
-            unseen = [p for p in found if p not in self._tracker and p not in self._held and p not in self._to_look]
+            unseen = [p for p in found if p not in self._tracker and p not in self._held and p not in self._to_look
+                      and p not in self._held_back]
             with_job = _lookup(active_jobs, unseen)
             for rel_path in unseen:
                 if rel_path not in with_job and rel_path not in reported:
@@ -308,6 +322,7 @@ class InboxWatcher:
                 looked.add(rel_path)
             for rel_path in reported - looked:
                 self._to_look.pop(rel_path, None)
+                self._held_back.pop(rel_path, None)  # changed: followed afresh, like any file
                 if rel_path in self._tracker:
                     self._stat_into_tracker(rel_path, now)
                 else:  # new to the watcher: e.g. renamed in, complete already
@@ -317,7 +332,31 @@ class InboxWatcher:
                 if rel_path not in looked:  # its settle time came: one more look
                     self._stat_into_tracker(rel_path, now)
             self._release_held(active_jobs, now)
+            self._offer_again(now)
             return self._hand_back(active_jobs, now, limit)
+
+    def hold_back(self, sightings: Iterable[Sighting]) -> None:
+        """Keep settled files the caller cannot take yet (their folder settings are invalid).
+
+        They are offered again every `hold_back_seconds`, and at once when an event names a folder
+        settings file; without a stat each time (a file that changes or goes meanwhile raises an
+        event, and is then followed afresh like any other), so a thousand held files cost nothing.
+        """
+        with self._lock:
+            for sighting in sightings:
+                self._held_back[sighting.rel_path] = sighting
+            self._next_offer_again = self._clock() + self.hold_back_seconds
+
+    def _offer_again(self, now: float) -> None:
+        """Held-back files back into the tracker as settled, when due: `_hand_back` hands them over."""
+        settings_changed, self._settings_changed = self._settings_changed, False
+        if not self._held_back or not (settings_changed or now >= self._next_offer_again):
+            return
+        for rel_path, sighting in self._held_back.items():
+            if rel_path not in self._tracker:
+                self._tracker.observe(rel_path, sighting.size, sighting.mtime_ns, now,
+                                      quiet_for=self._tracker.settle_seconds)
+        self._held_back.clear()
 
     def _hand_back(self, active_jobs: ActiveJobs, now: float, limit: int | None) -> list[Sighting]:
         """The settled files without an unfinished job, at most `limit`; settled files that have one
@@ -357,6 +396,8 @@ class InboxWatcher:
         if self._to_look:
             return now  # files found by a scan still wait for their first look
         soonest = min(self._next_rescan, self._next_health_check)
+        if self._held_back:
+            soonest = min(soonest, now if self._settings_changed else self._next_offer_again)
         return min(soonest, settle) if settle is not None else soonest
 
     def request_rescan(self) -> None:
@@ -385,12 +426,16 @@ class InboxWatcher:
                 found.update(self._scan(Path(path)))
                 continue
             rel_path = self._relative(path)
+            if rel_path is not None and rel_path.rpartition("/")[2] == FOLDER_SETTINGS_FILE:
+                self._settings_changed = True  # held-back files are offered again: it may be fixed
+                continue
             if rel_path is None or rel_path == "." or is_ignored(rel_path, self.ignore):
                 continue
             if kind == "gone":
                 self._tracker.forget(rel_path)
                 self._held.pop(rel_path, None)
                 self._to_look.pop(rel_path, None)
+                self._held_back.pop(rel_path, None)
                 continue
             reported.add(rel_path)
             if kind == "write":
