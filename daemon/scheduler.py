@@ -20,12 +20,13 @@ from dataclasses import dataclass
 
 import structlog
 
-from . import budget, control, previews, recovery, reports, retry, stages
+from . import control, previews, recovery, retry, stages
 from .api import PollVerdict, SubmitVerdict
 from .journal import FINAL_STATES, IN_FLIGHT_STATES, Charge, Job, JobState, StaleTransition, heartbeat_file
 from .journal import NewJob
 from .pacing import NO_BALANCE, PollPlan, SubmitGate, full_jitter, overdue_reason
 from .profiles import HELD_RETRY_SECONDS, SETTINGS_META, FolderSettings, Held
+from .spending import SpendingLimit
 from .watcher import InboxWatcher
 
 log = structlog.get_logger("daemon.scheduler")
@@ -142,13 +143,15 @@ class Scheduler:
         self._poll_requests: queue.SimpleQueue[int] = queue.SimpleQueue()
         self.folder_settings = FolderSettings(ctx.inbox, ctx.wall)
         """The settings each new file is taken with: profiles and the folders' codeformer.yaml files."""
+        self.spending = SpendingLimit(ctx.journal, lambda: self.ctx.wall(), on_change=self._record_pause)
+        """Daily and monthly limits on submits, from the ledger."""
 
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> None:
         """Recover what a previous run left, then loop until `stop()`; clean-up in `finally`."""
         self.ctx.journal.start_heartbeat(heartbeat_file(self.ctx.config.state_dir))
-        self._record_budget()
+        self.spending.record(self.ctx.config.budget)
         self.recovering = True
         try:
             recovery.recover(self.ctx, progress=self._recovery_progress)
@@ -206,12 +209,7 @@ class Scheduler:
         self._reload_requested = False
         self.reload_hook()
         self.gate.reload(self.clock())
-        self._record_budget()  # a changed limit applies at this pass's submits
-
-    def _record_budget(self) -> None:
-        """Keep the budget in force in the journal: `status`, the dashboard and /metrics read the journal,
-        not the file, so they show the limits this daemon applies (also those of its last run)."""
-        self.ctx.journal.set_meta(budget.BUDGET_META, budget.encode(self.ctx.config.budget))
+        self.spending.record(self.ctx.config.budget)  # a changed limit applies at this pass's submits
 
     def stop(self) -> None:
         """Ask the loop to end after its current step, and wake it now (not from a signal handler)."""
@@ -294,7 +292,7 @@ class Scheduler:
     def _record_pause(self) -> None:
         """Keep `status` (the journal's "paused") on why submits wait: the provider's refusal first (it
         needs a fix), else a budget limit reached (it lifts by itself)."""
-        self.ctx.journal.set_meta("paused", self.gate.reason or self.budget_pause)
+        self.ctx.journal.set_meta("paused", self.gate.reason or self.spending.pause)
 
     def _on_poll(self, outcome: stages.StageOutcome, now: float) -> None:
         answer = outcome.poll
@@ -435,7 +433,7 @@ class Scheduler:
             return
         if self.stop_requested:
             return
-        budget_allows = self._budget_allowance()
+        budget_allows = self.spending.allowance(self.ctx.config.budget)
         if budget_allows == 0:  # like an empty wallet: files wait in the inbox, jobs at the provider finish
             return
         journal = self.ctx.journal
@@ -461,44 +459,6 @@ class Scheduler:
         finally:
             if allowed and not launched:  # a probe handed out but never sent must not keep the gate shut
                 self.gate.launch_ended_without_submit()
-
-    budget_pause: str | None = None
-    """Why the budget holds submits back ("daily limit of 200 images reached"), else None."""
-    budget_resumes_at: float | None = None
-    """While `budget_pause`: the wall time its day or month ends (the loop wakes then by itself)."""
-    _ledger_read: tuple[tuple[int, budget.Periods], budget.Used] | None = None
-
-    def _budget_allowance(self) -> int | None:
-        """How many submits the budget lets start now (None: no limit set), from the ledger and the jobs
-        being launched. Pauses submits when the ledger reaches a limit, and resumes them once a new day
-        or month, a refund or a reload (a limit raised or removed) lifts it."""
-        config, journal = self.ctx.config.budget, self.ctx.journal
-        decision = budget.Allowance(None)
-        if config.daily_limit is not None or config.monthly_limit is not None:
-            when = budget.periods(self.ctx.wall(), config.timezone)
-            launching = journal.count_in(JobState.PUBLISHING, JobState.SUBMITTING)
-            decision = budget.allowance(config, self._ledger_used(when), launching, when)
-        self.budget_resumes_at = decision.resume_at
-        if decision.reason != self.budget_pause:
-            lifted, self.budget_pause = self.budget_pause, decision.reason
-            if decision.reason is not None:
-                log.warning("submits.paused", reason=decision.reason,
-                            resumes_at=budget.moment_text(decision.resume_at, config.timezone),
-                            waiting=journal.count_in(JobState.PENDING),
-                            fix="files wait in the inbox and go on by themselves then; to go on sooner, raise "
-                                "or remove the limit in budget: and reload (systemctl reload codeformer-daemon)")
-            else:
-                log.info("submits.resumed", lifted=lifted)
-            self._record_pause()
-        return decision.may_start
-
-    def _ledger_used(self, when: budget.Periods) -> budget.Used:
-        """The day's and the month's images from the ledger, summed again only once it has grown or a
-        day has turned: the loop asks every pass, and an idle station must not read a month each time."""
-        mark = (self.ctx.journal.last_charge_id(), when)
-        if self._ledger_read is None or self._ledger_read[0] != mark:
-            self._ledger_read = (mark, reports.ledger_used(self.ctx.journal, when))
-        return self._ledger_read[1]
 
     def start_checks_ahead(self) -> None:
         """Preflight the next few pending files while the slots are busy (at most two at a time)."""
@@ -613,8 +573,8 @@ class Scheduler:
         parts = [f"{journal.count_in(*IN_FLIGHT_STATES)} in flight", f"{journal.count_in(JobState.PENDING)} queued"]
         if self.paused_by_person:
             parts.append(f"paused: {control.PAUSED_BY_PERSON}")
-        elif self.gate.reason or self.budget_pause:
-            parts.append(f"paused: {self.gate.reason or self.budget_pause}")
+        elif self.gate.reason or self.spending.pause:
+            parts.append(f"paused: {self.gate.reason or self.spending.pause}")
         if self.watcher.unavailable_reason:
             parts.append(f"inbox unavailable: {self.watcher.unavailable_reason}")
         return ", ".join(parts)
@@ -632,8 +592,8 @@ class Scheduler:
         backoff_ends = self.ctx.journal.next_due(BACKING_OFF_STATES, wall)
         if backoff_ends is not None:
             deadlines.append(now + (backoff_ends - wall))
-        if self.budget_resumes_at is not None:  # a new day or month lifts the limit: wake right then
-            deadlines.append(now + (self.budget_resumes_at - wall))
+        if self.spending.resumes_at is not None:  # a new day or month lifts the limit: wake right then
+            deadlines.append(now + (self.spending.resumes_at - wall))
         timeout = min(deadlines) - now
         if timeout > 0:
             self.wake.wait(timeout)
