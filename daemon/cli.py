@@ -119,8 +119,6 @@ def render_status(summary: dict) -> str:
         lines.append(f"folder settings invalid: {reason} (the files it applies to wait in the inbox until it is fixed)")
     counts = {k: v for k, v in summary["counts"].items() if v}
     lines.append("jobs: " + (", ".join(f"{k} {v}" for k, v in counts.items()) or "none"))
-    if "submits_today" in summary:
-        lines.append(f"submits today: {summary['submits_today']}, this month: {summary['submits_this_month']}")
     if summary.get("budget"):
         lines.extend(_budget_lines(summary["budget"]))
     lines.append(f"submissions spent: {summary['submissions_spent']}, duplicates skipped: "

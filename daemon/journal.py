@@ -663,13 +663,6 @@ class Journal:
         """Jobs from one read-only `SELECT * FROM jobs ...` query (daemon.reports)."""
         return [_row_to_job(r) for r in self.read(sql, args)]
 
-    def submits_since(self, since: float) -> int:
-        """Accepted submits from `since` on (wall time): each is one paid image."""
-        with self._lock:
-            row = self._db.execute("SELECT count(*) FROM job_events WHERE to_state = 'submitted' AND at >= ?",
-                                   (since,)).fetchone()
-        return int(row[0])
-
     def history(self, job_id: int) -> list[dict[str, Any]]:
         """The transitions of one job, oldest first, for error records and `status`."""
         with self._lock:

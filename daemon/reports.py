@@ -8,7 +8,6 @@ or a bounded scan, so a journal of 100,000 jobs answers in milliseconds.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,34 +21,29 @@ LATEST_RESTORED = 8
 HOURS_CHARTED = 24
 
 
-def start_of_day(now: float) -> float:
-    """Local midnight of the day `now` falls in (the system's time zone)."""
-    t = time.localtime(now)
-    return time.mktime((t.tm_year, t.tm_mon, t.tm_mday, 0, 0, 0, 0, 0, -1))
-
-
-def start_of_month(now: float) -> float:
-    t = time.localtime(now)
-    return time.mktime((t.tm_year, t.tm_mon, 1, 0, 0, 0, 0, 0, -1))
-
-
 def status_report(journal: Journal, now: float) -> dict[str, Any]:
     """Everything `status` shows, as plain data: the journal's summary with a person's pause, the
-    oldest waiting file and the day's and month's submits (local time)."""
+    oldest waiting file, folder settings that hold files, and the budget with the day's and month's
+    paid submits from the ledger. The limits shown are those the daemon applies (its loop records them
+    in the journal), so every reader shows the same ones."""
     report = journal.summary(now)
     person = control.paused_by_person_since(journal)
     if person is not None:
         report["paused"] = control.PAUSED_BY_PERSON
     report["paused_by_person_since"] = person
-    report["submits_today"] = journal.submits_since(start_of_day(now))
-    report["submits_this_month"] = journal.submits_since(start_of_month(now))
     oldest = journal.read("SELECT id, rel_path, created_at FROM jobs INDEXED BY jobs_by_state "
                           "WHERE state = 'pending' ORDER BY id LIMIT 1")
     report["oldest_pending"] = ({"job_id": oldest[0]["id"], "file": oldest[0]["rel_path"],
                                  "since": oldest[0]["created_at"],
                                  "age_seconds": round(now - oldest[0]["created_at"], 1)} if oldest else None)
     report["settings_invalid"] = json.loads(journal.get_meta(SETTINGS_META) or "{}")
-    report["budget"] = budget_report(journal, now, queued=report["counts"].get(JobState.PENDING.value, 0))
+    # The day's and the month's submits are the ledger's (paid images, refunds taken off), in the
+    # budget's time zone: one figure for `status`, the overview and the limits.
+    config = budget.decode(journal.get_meta(budget.BUDGET_META))
+    when = budget.periods(now, config.timezone)
+    used = ledger_used(journal, when)
+    report["submits_today"], report["submits_this_month"] = used.day, used.month
+    report["budget"] = budget.summary(config, used, report["counts"].get(JobState.PENDING.value, 0), when, now)
     return report
 
 
@@ -57,14 +51,6 @@ def ledger_used(journal: Journal, when: budget.Periods) -> budget.Used:
     """The images the ledger counts as paid in the day and the month of `when`."""
     return budget.Used(journal.charged_between(when.day_start, when.day_end),
                        journal.charged_between(when.month_start, when.month_end))
-
-
-def budget_report(journal: Journal, now: float, queued: int) -> dict[str, Any]:
-    """The budget block of `status`: the limits the daemon applies (recorded in the journal by its loop,
-    so every reader shows the same ones), the ledger's counts in their time zone, and the money."""
-    config = budget.decode(journal.get_meta(budget.BUDGET_META))
-    when = budget.periods(now, config.timezone)
-    return budget.summary(config, ledger_used(journal, when), queued, when, now)
 
 
 def restored_per_hour(journal: Journal, now: float, hours: int = HOURS_CHARTED) -> list[int]:
