@@ -28,16 +28,29 @@ HOSTILE = "<img src=x onerror=alert(1)>.jpg"
 
 
 def text_of(driver, css: str) -> str:
+    """The element's text, or "" (also when the overview's refresh replaced it while it was read)."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
-    found = driver.find_elements(By.CSS_SELECTOR, css)
-    return found[0].text if found else ""
+    try:
+        found = driver.find_elements(By.CSS_SELECTOR, css)
+        return found[0].text if found else ""
+    except StaleElementReferenceException:
+        return ""
 
 
 def click(driver, css: str) -> None:
+    """Click the element, found afresh if the overview's refresh replaced it between finding and clicking."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
-    driver.find_element(By.CSS_SELECTOR, css).click()
+    for _attempt in range(5):
+        try:
+            driver.find_element(By.CSS_SELECTOR, css).click()
+            return
+        except StaleElementReferenceException:
+            continue
+    raise AssertionError(f"{css} kept being replaced while it was clicked")
 
 
 @pytest.fixture
@@ -51,7 +64,7 @@ def test_the_overview_shows_jobs_appearing_and_finishing_without_a_reload(folder
     emulator.latency = 5.0  # longer than the page's refresh interval: a refresh sees them in flight
     with chromium() as driver:
         driver.get(url + "/")
-        assert text_of(driver, '#counts td[data-state="done"]') == "0"
+        wait_for(lambda: text_of(driver, '#counts td[data-state="done"]') == "0", 5, what="no job done yet")
         marker = driver.execute_script("window.notReloaded = true; return window.notReloaded;")
         assert marker is True
         for i in range(3):
