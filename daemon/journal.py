@@ -143,6 +143,18 @@ _JOB_COLUMNS = [f.name for f in fields(Job)]
 JSON_COLUMNS = ("params", "output_settings")
 """Job columns stored as JSON text."""
 
+_CHARGES = """
+CREATE TABLE IF NOT EXISTS charges (
+    id INTEGER PRIMARY KEY,
+    job_id INTEGER NOT NULL,
+    request_id TEXT,
+    at REAL NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('charged', 'refunded', 'possibly_charged'))
+);
+CREATE INDEX IF NOT EXISTS charges_by_at ON charges(at);
+"""
+"""The ledger: one line per paid (or refunded, or possibly paid) submit (schema 7)."""
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (
@@ -192,15 +204,7 @@ CREATE INDEX IF NOT EXISTS job_events_by_job ON job_events(job_id);
 CREATE INDEX IF NOT EXISTS job_events_by_state_at ON job_events(to_state, at);
 CREATE INDEX IF NOT EXISTS jobs_by_state_updated ON jobs(state, updated_at);
 CREATE TABLE IF NOT EXISTS retry_requests (job_id INTEGER PRIMARY KEY, requested_at REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS charges (
-    id INTEGER PRIMARY KEY,
-    job_id INTEGER NOT NULL,
-    request_id TEXT,
-    at REAL NOT NULL,
-    kind TEXT NOT NULL CHECK (kind IN ('charged', 'refunded', 'possibly_charged'))
-);
-CREATE INDEX IF NOT EXISTS charges_by_at ON charges(at);
-"""
+""" + _CHARGES
 
 MIGRATIONS: dict[int, str] = {
     2: """
@@ -220,15 +224,7 @@ MIGRATIONS: dict[int, str] = {
     7: """
         ALTER TABLE jobs ADD COLUMN profile TEXT;
         ALTER TABLE jobs ADD COLUMN output_settings TEXT;
-        CREATE TABLE IF NOT EXISTS charges (
-            id INTEGER PRIMARY KEY,
-            job_id INTEGER NOT NULL,
-            request_id TEXT,
-            at REAL NOT NULL,
-            kind TEXT NOT NULL CHECK (kind IN ('charged', 'refunded', 'possibly_charged'))
-        );
-        CREATE INDEX IF NOT EXISTS charges_by_at ON charges(at);
-    """,
+    """ + _CHARGES,
 }
 """SQL that takes an existing journal from version N-1 to N; a new journal gets `_SCHEMA` directly."""
 
