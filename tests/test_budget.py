@@ -266,7 +266,7 @@ def test_status_the_dashboard_and_metrics_show_the_budget(tmp_path, folders, emu
     page = requests.get(daemon.service.dashboard.url + "/", timeout=10).text
     assert "Submits paused: daily limit of 2 images reached" in page
     shown = " ".join(page[page.index('id="budget"'):].split("</p>")[0].split())
-    assert 'Budget (Europe/Berlin): today <strong id="budget-day-used">2</strong> of 2 images (0 left), 0.04 EUR;' in shown
+    assert 'Paid submits (Europe/Berlin): today <strong id="budget-day-used">2</strong> of 2 images (0 left), 0.04 EUR;' in shown
     assert "Queued: 3, 0.06 EUR when submitted." in shown
 
     samples = scrape(daemon.service.metrics)
