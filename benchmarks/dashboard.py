@@ -4,7 +4,7 @@ A journal of 100,000 jobs (by default) is written directly: 95% done, the rest f
 in flight, each with its events (taken, submitted, done or failed), spread over the last 60 days
 and a few folders. The dashboard application is then served by waitress on 127.0.0.1, as the daemon
 serves it, and each page is fetched over HTTP several times; the median and the slowest answer of
-each are printed, with the target (issue: overview and jobs page under 200 ms at 100,000 jobs).
+each are printed, with the target: the overview and the jobs page under 200 ms at 100,000 jobs.
 It is not a test. Exit 1 only if a run could not complete.
 
     .venv/bin/python benchmarks/dashboard.py [--jobs 100000] [--rounds 15] [--json]

@@ -59,7 +59,7 @@ TARGET_RATIO = 0.95
 TARGET_POLLS_PER_JOB = 1.5
 """With webhooks on, a job is polled when its webhook arrives, plus a safety poll at most."""
 TARGET_CPU_PER_FILE = 0.010
-"""Daemon CPU seconds per file from the first drop, for SCAN_SIZE scans (issue 13's table)."""
+"""Daemon CPU seconds per file from the first drop, for SCAN_SIZE scans (the README's benchmark table)."""
 SCAN_SIZE = (320, 240)
 COMPARE_SIZES = ((320, 240), (640, 480))
 IMAGE_WORK_RUNS = 5
@@ -428,7 +428,7 @@ def _verdict(passed: bool) -> str:
 
 
 def _cpu_target(size: str, cpu: float) -> str:
-    """The issue's CPU target applies to SCAN_SIZE scans only."""
+    """The CPU target applies to SCAN_SIZE scans only."""
     if size != size_text(SCAN_SIZE):
         return ""
     return f"  (target <= {TARGET_CPU_PER_FILE * 1000:.0f} ms: {_verdict(cpu <= TARGET_CPU_PER_FILE)})"
