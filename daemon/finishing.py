@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import structlog
 
@@ -208,6 +208,17 @@ def _move_original(ctx: Context, job: Job, source: Path, wanted: Path) -> Job:
 # --------------------------------------------------------------------------- fail
 
 
+def transition_and_charge(ctx: Context, job: Job, to_state: JobState, detail: str, charge: Charge | None,
+                          **changes: Any) -> Job:
+    """Move `job` as `Journal.transition` does, and write the ledger line the move causes (if any) in
+    the same commit: a paid submit is never recorded without its job's move, nor the move without it."""
+    with ctx.journal.transaction():
+        moved = ctx.journal.transition(job, to_state, detail, **changes)
+        if charge is not None:
+            add_to_ledger(ctx, moved, charge)
+    return moved
+
+
 def add_to_ledger(ctx: Context, job: Job, kind: Charge) -> None:
     """Write `job`'s line in the ledger of charges; call it inside the transaction of the move that causes it.
 
@@ -226,10 +237,7 @@ def fail(ctx: Context, job: Job, kind: str, reason: str, *, api_error: str | Non
     reason = mask_secrets(reason)
     api_error = mask_secrets(api_error) if api_error else api_error
     try:
-        with ctx.journal.transaction():
-            job = ctx.journal.transition(job, JobState.FAILING, reason, error_kind=kind, last_error=reason)
-            if charge is not None:
-                add_to_ledger(ctx, job, charge)
+        job = transition_and_charge(ctx, job, JobState.FAILING, reason, charge, error_kind=kind, last_error=reason)
     except StaleTransition:
         return
     ctx.metrics.job_failed(kind)

@@ -22,7 +22,7 @@ from .api import PUBLISHED_URL, PollVerdict, SubmitAnswer, SubmitVerdict, choose
 from .context import (Context, InboxUnavailable, StageOutcome, changed_since_taken, remove_staged, require_inbox,
                       size_and_mtime, staged_stem, unpublish)
 from .duplicates import handle_twin, wait_for_twin
-from .finishing import add_to_ledger, deliver, fail, finish_delivery, finish_failing, placed_output
+from .finishing import deliver, fail, finish_delivery, finish_failing, placed_output, transition_and_charge
 from .hosting import HostingError, key_for_logs, new_key
 from .journal import Charge, Job, JobState
 from .logging import mask_secrets
@@ -239,12 +239,9 @@ def _record_submit(ctx: Context, job: Job, answer: SubmitAnswer, took: float) ->
     verdict = answer.verdict
     if verdict is SubmitVerdict.ACCEPTED:
         polling_url = choose_polling_url(answer.polling_url, answer.request_id, ctx.config.api)
-        with ctx.journal.transaction():  # accepted and paid for: one commit
-            submitted = ctx.journal.transition(
-                job, JobState.SUBMITTED, f"accepted as {answer.request_id}", request_id=answer.request_id,
-                polling_url=polling_url, remote_status="QUEUED", submitted_at=ctx.wall(),
-                submit_attempts=job.submit_attempts + 1)
-            add_to_ledger(ctx, submitted, Charge.CHARGED)
+        transition_and_charge(ctx, job, JobState.SUBMITTED, f"accepted as {answer.request_id}", Charge.CHARGED,
+                              request_id=answer.request_id, polling_url=polling_url, remote_status="QUEUED",
+                              submitted_at=ctx.wall(), submit_attempts=job.submit_attempts + 1)
         log.info("job.submitted", rel_path=job.rel_path, job_id=job.id, request_id=answer.request_id,
                  params=job.params, duration=took)
     elif verdict is SubmitVerdict.REJECTED:
@@ -275,11 +272,8 @@ def _back_to_pending(ctx: Context, job: Job, reason: str, *, count_attempt: bool
         return StageOutcome(job.id)
     unpublish(ctx, job)
     delay = retry_after if retry_after is not None else full_jitter(attempts, base=1.0, cap=300.0)
-    with ctx.journal.transaction():
-        ctx.journal.transition(job, JobState.PENDING, reason, submit_attempts=attempts, hosted_key=None,
-                               not_before=ctx.wall() + delay, last_error=reason)
-        if charge is not None:
-            add_to_ledger(ctx, job, charge)
+    transition_and_charge(ctx, job, JobState.PENDING, reason, charge, submit_attempts=attempts, hosted_key=None,
+                          not_before=ctx.wall() + delay, last_error=reason)
     if not quiet:
         log.warning("job.retry_later", rel_path=job.rel_path, job_id=job.id, reason=reason,
                     attempt=attempts, delay=round(delay, 2))
