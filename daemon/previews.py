@@ -145,12 +145,16 @@ def _flatten(image: Image.Image) -> Image.Image:
 
 
 def _save(image: Image.Image, target: Path) -> None:
-    """Write under a temporary name and rename into place: a reader never sees half a preview."""
     target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _write_into_place(target, lambda out: image.save(out, "JPEG", quality=JPEG_QUALITY))
+
+
+def _write_into_place(target: Path, fill: Callable[[BinaryIO], object]) -> None:
+    """Write under a temporary name and rename into place: a reader never sees half a preview."""
     temp = target.parent / f".preview-{secrets.token_hex(8)}.tmp"
     try:
         with open(temp, "xb") as out:
-            image.save(out, "JPEG", quality=JPEG_QUALITY)
+            fill(out)
         os.replace(temp, target)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -202,14 +206,7 @@ def copy_preview(folder: Path, from_job: int, to_job: int, kind: str) -> Path | 
     try:
         with source:
             target = preview_path(folder, to_job, kind)
-            temp = folder / f".preview-{secrets.token_hex(8)}.tmp"
-            try:
-                with open(temp, "xb") as out:
-                    shutil.copyfileobj(source, out)
-                os.replace(temp, target)
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    temp.unlink()
+            _write_into_place(target, lambda out: shutil.copyfileobj(source, out))
     except (OSError, ValueError) as exc:
         log.warning("preview.failed", job_id=to_job, kind=kind, error=str(exc) or type(exc).__name__)
         return None

@@ -14,13 +14,14 @@ import time
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import jinja2
 import structlog
 
 from .. import control, reports
 from ..journal import Journal
+from ..previews import KINDS, open_preview
 from ..retry import RetryError
 from . import pages
 from .http import Request, Response, redirect, text
@@ -222,18 +223,17 @@ class DashboardApp:
         return Response(200, body, kind, cache="public, max-age=3600")
 
     def _previews_of(self, job_id: int) -> dict[str, bool]:
-        return {kind: self._open_preview(job_id, kind, probe=True) is not None for kind in ("before", "after")}
+        """Which previews a job has: each looked for as it would be served (regular file, no link)."""
+        shown = {}
+        for kind in KINDS:
+            found = self._open_preview(job_id, kind)
+            shown[kind] = found is not None
+            if found is not None:
+                found.close()
+        return shown
 
-    def _open_preview(self, job_id: int, kind: str, probe: bool = False):
-        if self.thumbnails is None:
-            return None
-        from ..previews import open_preview
-
-        found = open_preview(self.thumbnails, job_id, kind)
-        if found is not None and probe:
-            found.close()
-            return True
-        return found
+    def _open_preview(self, job_id: int, kind: str) -> BinaryIO | None:
+        return open_preview(self.thumbnails, job_id, kind) if self.thumbnails is not None else None
 
     def _preview(self, job_id: int, kind: str) -> Response:
         if self.journal.get(job_id) is None:
