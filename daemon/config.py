@@ -24,6 +24,7 @@ import yaml
 API_KEY_ENV = "CODEFORMER_API_KEY"
 API_KEY_CREDENTIAL = "api_key"
 DASHBOARD_TOKEN_CREDENTIAL = "dashboard_token"
+POSTGRESQL_PASSWORD_CREDENTIAL = "postgresql_password"
 MIN_DASHBOARD_TOKEN_LENGTH = 16
 
 PROVIDER_BASE_URL = "https://gateway.pixazo.ai/codeformer-image-restoration/v1"
@@ -278,6 +279,27 @@ class DashboardConfig:
 
 
 @dataclass(frozen=True)
+class PostgresConfig:
+    """The fleet's shared journal (state.backend: postgresql)."""
+
+    dsn: str | None = None
+    """A libpq connection string or URI; the password comes from libpq's PGPASSFILE or the systemd
+    credential postgresql_password, never from this file."""
+    lease_seconds: float = field(default=30.0, metadata=_range(3, 3600))
+    """A daemon silent this long loses the jobs it holds to the others."""
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    """Where the journal lives: SQLite in state_dir (one daemon), or PostgreSQL (a fleet sharing one queue)."""
+
+    backend: str = field(default="sqlite", metadata=_choice("sqlite", "postgresql"))
+    postgresql: PostgresConfig = field(default_factory=PostgresConfig)
+    node_name: str | None = None
+    """This daemon's name in the fleet (`status` shows it); None: the host name."""
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     format: str = field(default="auto", metadata=_choice("auto", "json", "console"))
     level: str = field(default="info", metadata=_choice("debug", "info", "warning", "error"))
@@ -316,6 +338,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
+    state: StateConfig = field(default_factory=StateConfig)
     profiles: tuple[ProfileConfig, ...] = ()
     """First match wins; see daemon.profiles for how they and the folders' codeformer.yaml files merge."""
     shutdown_timeout: float = field(default=20.0, metadata=_range(1.0, 3600))
@@ -640,6 +663,34 @@ def _validate_dashboard(config: Config) -> None:
         raise ConfigError(f"dashboard.token_file: {dashboard.token_file} does not exist or is not a file")
 
 
+def _validate_state(state: StateConfig) -> None:
+    if state.backend == "postgresql" and not (state.postgresql.dsn or "").strip():
+        raise ConfigError("state.postgresql.dsn: state.backend is postgresql, so a connection string is needed "
+                          '(e.g. "host=db.example.org dbname=codeformer user=codeformer")')
+    if re.search(r"(^|\s)password\s*=|://[^/@]*:[^/@]*@", state.postgresql.dsn or ""):
+        raise ConfigError("state.postgresql.dsn: holds a password; keep it out of the configuration file "
+                          f"(libpq's PGPASSFILE, or the systemd credential {POSTGRESQL_PASSWORD_CREDENTIAL})")
+    if state.node_name is not None and not re.fullmatch(r"[\w.@:-]{1,64}", state.node_name):
+        raise ConfigError(f"state.node_name: {state.node_name!r} should be a short name (letters, digits, . _ - @ :)")
+
+
+def resolve_postgresql_password(environ: typing.Mapping[str, str] | None = None) -> Secret | None:
+    """The PostgreSQL password from the systemd credential postgresql_password, if passed; else libpq
+    finds one itself (PGPASSFILE, ~/.pgpass) or the server needs none."""
+    environ = os.environ if environ is None else environ
+    credentials = environ.get("CREDENTIALS_DIRECTORY")
+    if not credentials:
+        return None
+    path = Path(credentials) / POSTGRESQL_PASSWORD_CREDENTIAL
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError(f"credential {POSTGRESQL_PASSWORD_CREDENTIAL}: cannot read {path}: {exc.strerror}") from None
+    return Secret(value, f"the systemd credential {POSTGRESQL_PASSWORD_CREDENTIAL}") if value else None
+
+
 def _validate_budget(budget: BudgetConfig) -> None:
     if budget.timezone is not None:
         try:
@@ -706,6 +757,7 @@ def validate(config: Config) -> None:
     _validate_dashboard(config)
     _validate_budget(config.budget)
     _validate_profiles(config)
+    _validate_state(config.state)
 
     inbox = config.folders.inbox
     if not inbox.is_dir():

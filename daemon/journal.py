@@ -1,9 +1,13 @@
-"""The SQLite journal: the single source of truth for every job and its state machine.
+"""The journal: the single source of truth for every job and its state machine.
 
 Every state change is a compare-and-set committed before the side effect it allows, so after a crash
-the daemon reads the journal and carries each job on from where it stopped. One connection serves
-the whole process behind a lock (SQLite serialises writers anyway); `status` opens its own read-only
-connection, which WAL mode lets run beside the daemon.
+the daemon reads the journal and carries each job on from where it stopped. The rows live in SQLite
+(one daemon) or PostgreSQL (a fleet sharing one queue), behind a connector (daemon.storage); the
+SQL here is the same for both.
+
+In a fleet every job past PENDING is held by one daemon's run (its `owner` token): only that run
+may move it, and another takes it over, from the state it was left in, once the holder's lease
+lapses (`take_over`). A daemon renews one lease for everything it holds, on its heartbeat.
 """
 
 from __future__ import annotations
@@ -12,15 +16,18 @@ import contextlib
 import enum
 import json
 import os
-import sqlite3
-import threading
+import secrets
+import socket
 import time
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 7
+from .storage import Connector, JournalError, StorageUnavailable
+from .storage.sqlite import SCHEMA_VERSION, SQLiteConnector
+
+__all__ = ["Journal", "JournalError", "StorageUnavailable", "SCHEMA_VERSION"]
 
 
 class JobState(str, enum.Enum):
@@ -51,6 +58,8 @@ class JobState(str, enum.Enum):
 FINAL_STATES = frozenset({JobState.DONE, JobState.FAILED, JobState.VANISHED})
 IN_FLIGHT_STATES = frozenset({JobState.PUBLISHING, JobState.SUBMITTING, JobState.SUBMITTED})
 """States that hold one of the `api.max_in_flight` slots."""
+HELD_STATES = frozenset(state for state in JobState if state not in FINAL_STATES and state is not JobState.PENDING)
+"""States in which one daemon's run holds the job (its `owner`): the rest are the shared queue or history."""
 
 TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
     JobState.PENDING: frozenset({JobState.PUBLISHING, JobState.FAILING, JobState.VANISHED}),
@@ -66,10 +75,6 @@ TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
     JobState.VANISHED: frozenset(),
 }
 """The legal moves of the state machine; anything else is a bug and raises."""
-
-
-class JournalError(Exception):
-    """The journal cannot be opened or used (corrupt, read-only, newer schema)."""
 
 
 class StaleTransition(Exception):
@@ -125,6 +130,23 @@ class Job:
     output_settings: dict[str, Any] | None = None
     """The `output:` settings in force when the file was taken (a profile's merged over the top
     level); None for jobs taken before they were recorded: the configuration's current ones."""
+    owner: str | None = None
+    """The token of the daemon run that holds this job (in a held state); None in the queue and after."""
+
+
+@dataclass(frozen=True)
+class Node:
+    """One daemon run that has used the journal, as `status` shows the fleet."""
+
+    name: str
+    token: str
+    host: str | None
+    pid: int | None
+    started_at: float
+    heartbeat_at: float
+    lease_until: float
+    left_at: float | None
+    holding: int
 
 
 @dataclass(frozen=True)
@@ -143,91 +165,6 @@ _JOB_COLUMNS = [f.name for f in fields(Job)]
 JSON_COLUMNS = ("params", "output_settings")
 """Job columns stored as JSON text."""
 
-_CHARGES = """
-CREATE TABLE IF NOT EXISTS charges (
-    id INTEGER PRIMARY KEY,
-    job_id INTEGER NOT NULL,
-    request_id TEXT,
-    at REAL NOT NULL,
-    kind TEXT NOT NULL CHECK (kind IN ('charged', 'refunded', 'possibly_charged'))
-);
-CREATE INDEX IF NOT EXISTS charges_by_at ON charges(at);
-"""
-"""The ledger: one line per paid (or refunded, or possibly paid) submit (schema 7)."""
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS jobs (
-    id INTEGER PRIMARY KEY,
-    rel_path TEXT NOT NULL,
-    state TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    mtime_ns INTEGER NOT NULL,
-    params TEXT NOT NULL,
-    sha256 TEXT,
-    upload_path TEXT,
-    hosted_key TEXT,
-    request_id TEXT,
-    polling_url TEXT,
-    remote_status TEXT,
-    media_url TEXT,
-    output_path TEXT,
-    output_sha256 TEXT,
-    final_path TEXT,
-    submit_attempts INTEGER NOT NULL DEFAULT 0,
-    download_attempts INTEGER NOT NULL DEFAULT 0,
-    not_before REAL NOT NULL DEFAULT 0,
-    last_error TEXT,
-    error_kind TEXT,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    submitted_at REAL,
-    finished_at REAL,
-    duplicate_of INTEGER,
-    profile TEXT,
-    output_settings TEXT
-);
-CREATE INDEX IF NOT EXISTS jobs_by_content ON jobs(sha256);
-CREATE UNIQUE INDEX IF NOT EXISTS jobs_one_active_per_path
-    ON jobs(rel_path) WHERE state NOT IN ('done', 'failed', 'vanished');
-CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state);
-CREATE INDEX IF NOT EXISTS jobs_by_state_due ON jobs(state, not_before);
-CREATE TABLE IF NOT EXISTS job_events (
-    id INTEGER PRIMARY KEY,
-    job_id INTEGER NOT NULL REFERENCES jobs(id),
-    at REAL NOT NULL,
-    from_state TEXT,
-    to_state TEXT NOT NULL,
-    detail TEXT
-);
-CREATE INDEX IF NOT EXISTS job_events_by_job ON job_events(job_id);
-CREATE INDEX IF NOT EXISTS job_events_by_state_at ON job_events(to_state, at);
-CREATE INDEX IF NOT EXISTS jobs_by_state_updated ON jobs(state, updated_at);
-CREATE TABLE IF NOT EXISTS retry_requests (job_id INTEGER PRIMARY KEY, requested_at REAL NOT NULL);
-""" + _CHARGES
-
-MIGRATIONS: dict[int, str] = {
-    2: """
-        ALTER TABLE jobs ADD COLUMN duplicate_of INTEGER;
-        CREATE INDEX IF NOT EXISTS jobs_by_content ON jobs(sha256);
-    """,
-    3: "CREATE TABLE IF NOT EXISTS retry_requests (job_id INTEGER PRIMARY KEY, requested_at REAL NOT NULL);",
-    4: "ALTER TABLE jobs ADD COLUMN output_sha256 TEXT;",
-    5: """
-        CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state);
-        CREATE INDEX IF NOT EXISTS jobs_by_state_due ON jobs(state, not_before);
-    """,
-    6: """
-        CREATE INDEX IF NOT EXISTS job_events_by_state_at ON job_events(to_state, at);
-        CREATE INDEX IF NOT EXISTS jobs_by_state_updated ON jobs(state, updated_at);
-    """,
-    7: """
-        ALTER TABLE jobs ADD COLUMN profile TEXT;
-        ALTER TABLE jobs ADD COLUMN output_settings TEXT;
-    """ + _CHARGES,
-}
-"""SQL that takes an existing journal from version N-1 to N; a new journal gets `_SCHEMA` directly."""
-
 AHEAD_STATES = ("submitting", "submitted", "downloading", "delivering")
 """A job in one of these has been (or is being) paid for: an identical job waits for it."""
 NOT_LAUNCHED_STATES = ("pending", "publishing")
@@ -244,7 +181,7 @@ def heartbeat_file(state_dir: Path, environ: Mapping[str, str] = os.environ) -> 
     return Path(runtime) / "heartbeat" if runtime else Path(state_dir) / "heartbeat"
 
 
-def _row_to_job(row: sqlite3.Row) -> Job:
+def _row_to_job(row: Any) -> Job:
     data = {name: row[name] for name in _JOB_COLUMNS}
     data["state"] = JobState(data["state"])
     for name in JSON_COLUMNS:
@@ -253,92 +190,51 @@ def _row_to_job(row: sqlite3.Row) -> Job:
     return Job(**data)
 
 
-class Journal:
-    """Jobs and their states in SQLite; every write goes through `transaction()`."""
 
-    def __init__(self, path: Path, *, clock=time.time, read_only: bool = False) -> None:
-        self.path = Path(path)
+def _marks(values: Collection[Any]) -> str:
+    return ", ".join("?" for _ in values)
+
+
+class Journal:
+    """Jobs and their states, on a connector (a path: the SQLite file); every write goes through
+    `transaction()`."""
+
+    def __init__(self, store: Path | str | Connector, *, clock=time.time, read_only: bool = False) -> None:
+        self.store: Connector = SQLiteConnector(Path(store), read_only=read_only) \
+            if isinstance(store, (str, os.PathLike)) else store
+        self.path = getattr(self.store, "path", None)
+        self._db = getattr(self.store, "connection", None)  # SQLite's own connection, for its tests' tracing
         self._clock = clock
-        self._lock = threading.RLock()
-        self._depth = 0
-        try:
-            if read_only:
-                uri = f"file:{self.path}?mode=ro"
-                self._db = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
-            else:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA busy_timeout = 5000")
-            if not read_only:
-                self._db.execute("PRAGMA journal_mode = WAL")
-                # FULL: a commit survives a power cut, which is what "recorded before acting" relies on.
-                self._db.execute("PRAGMA synchronous = FULL")
-                self._migrate()
-            else:
-                self._db.execute("SELECT count(*) FROM jobs").fetchone()
-        except sqlite3.DatabaseError as exc:
-            raise JournalError(f"cannot open journal {self.path}: {exc}") from None
+        self.token: str | None = None
+        """This daemon run's token once it joined (`join`): its held jobs are the ones it may move."""
+        self.lease_seconds = 30.0
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self.store.close()
 
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Cursor]:
+    def transaction(self) -> contextlib.AbstractContextManager[Any]:
         """Begin, yield a cursor, commit; roll back if the block raises. The only way to write.
 
         Nested use joins the outer transaction, so helpers compose into one atomic step.
         """
-        with self._lock:
-            cursor = self._db.cursor()
-            outermost = self._depth == 0
-            if outermost:
-                cursor.execute("BEGIN IMMEDIATE")
-            self._depth += 1
-            try:
-                yield cursor
-            except BaseException:
-                if outermost:
-                    cursor.execute("ROLLBACK")
-                raise
-            else:
-                if outermost:
-                    try:
-                        cursor.execute("COMMIT")
-                    except BaseException:
-                        if self._db.in_transaction:  # a failed COMMIT (disk full) must not leave it open
-                            self._db.execute("ROLLBACK")
-                        raise
-            finally:
-                self._depth -= 1
-                cursor.close()
+        return self.store.transaction()
 
-    def _migrate(self) -> None:
-        """Create a new journal at the current schema, or bring an older one up to it step by step."""
-        with self._lock:
-            self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-        current = self.get_meta("schema_version")
-        version = int(current) if current else 0
-        if version > SCHEMA_VERSION:
-            raise JournalError(
-                f"journal {self.path} has schema version {version}, newer than this daemon's "
-                f"{SCHEMA_VERSION}; upgrade codeformer-daemon"
-            )
-        with self._lock:
-            if version == 0:
-                self._db.executescript(_SCHEMA)
-                self.set_meta("schema_version", str(SCHEMA_VERSION))
-            for target in range(version + 1, SCHEMA_VERSION + 1) if version else ():
-                # Each step and its version bump commit together: a crash never half-migrates.
-                self._db.executescript(f"BEGIN IMMEDIATE; {MIGRATIONS[target]}; "
-                                       f"UPDATE meta SET value = '{target}' WHERE key = 'schema_version'; COMMIT;")
+    def read(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+        """Rows of one read-only query, for the reports `status` and the dashboard show (daemon.reports)."""
+        return self.store.read(sql, args)
+
+    def read_jobs(self, sql: str, args: Sequence[Any] = ()) -> list[Job]:
+        """Jobs from one read-only `SELECT * FROM jobs ...` query (daemon.reports)."""
+        return [_row_to_job(r) for r in self.read(sql, args)]
+
+    def _one(self, sql: str, args: Sequence[Any] = ()) -> Any:
+        rows = self.read(sql, args)
+        return rows[0] if rows else None
 
     # ------------------------------------------------------------------ meta (daemon-wide facts)
 
     def get_meta(self, key: str) -> str | None:
-        with self._lock:
-            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        row = self._one("SELECT value FROM meta WHERE key = ?", (key,))
         return row["value"] if row else None
 
     def set_meta(self, key: str, value: str | None) -> None:
@@ -380,11 +276,103 @@ class Journal:
     def add_to_counter(self, key: str, amount: int = 1) -> None:
         with self.transaction() as cur:
             cur.execute("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE "
-                        "SET value = CAST(value AS INTEGER) + ?", (key, str(amount), amount))
+                        "SET value = CAST(CAST(meta.value AS INTEGER) + ? AS TEXT)", (key, str(amount), amount))
 
     def counter(self, key: str) -> int:
         value = self.get_meta(key)
         return int(value) if value else 0
+
+    # ------------------------------------------------------------------ the fleet: runs and their leases
+
+    def join(self, name: str | None = None, lease_seconds: float = 30.0) -> str:
+        """Start holding jobs as a new run of daemon `name` (default: the host name); returns its token.
+
+        Each start gets a token of its own: a run that was killed and started again under the same
+        name is a new holder, and its old run's jobs are taken over like anyone's.
+        """
+        self.token = secrets.token_hex(8)
+        self.lease_seconds = float(lease_seconds)
+        now = self.store.now_sql
+        with self.transaction() as cur:
+            cur.execute(f"INSERT INTO nodes(token, name, host, pid, started_at, heartbeat_at, lease_until) "
+                        f"VALUES (?, ?, ?, ?, {now}, {now}, {now} + ?)",
+                        (self.token, name or socket.gethostname(), socket.gethostname(), os.getpid(),
+                         self.lease_seconds))
+        return self.token
+
+    def renew_lease(self) -> bool:
+        """Extend this run's lease on everything it holds by `lease_seconds` from now (one row, however
+        many jobs). False if the run's row is gone (it left, or the journal was replaced)."""
+        if self.token is None:
+            return False
+        now = self.store.now_sql
+        with self.transaction() as cur:
+            cur.execute(f"UPDATE nodes SET heartbeat_at = {now}, lease_until = {now} + ? WHERE token = ?",
+                        (self.lease_seconds, self.token))
+            return cur.rowcount == 1
+
+    def leave(self) -> None:
+        """A clean stop: the lease ends now, so others take over what is left at once, not after it lapses."""
+        if self.token is None:
+            return
+        now = self.store.now_sql
+        with self.transaction() as cur:
+            cur.execute(f"UPDATE nodes SET lease_until = {now}, left_at = {now} WHERE token = ?", (self.token,))
+
+    def take_over(self, *, everything: bool = False) -> list[Job]:
+        """Hold, from now on, the jobs of runs whose lease lapsed (or that left), and held jobs without
+        a holder; with `everything`, every held job that is not this run's (one daemon on its own
+        journal: whoever held them before is this daemon's previous run). Returns them, oldest first,
+        in the states they were left in, for the caller to carry on as a restart does.
+        """
+        if self.token is None:
+            raise RuntimeError("join() before take_over()")
+        held = [s.value for s in HELD_STATES]
+        lapsed = "" if everything else \
+            f" AND (owner IS NULL OR owner NOT IN (SELECT token FROM nodes WHERE lease_until > {self.store.now_sql}))"
+        with self.transaction() as cur:
+            self.store.lock(cur, "codeformer-daemon takeover")
+            rows = cur.execute(
+                f"SELECT id FROM jobs WHERE state IN ({_marks(held)}) AND (owner IS NULL OR owner != ?){lapsed} "
+                f"ORDER BY id{self.store.skip_locked}", (*held, self.token)).fetchall()
+            ids = [int(r[0]) for r in rows]
+            if not ids:
+                return []
+            cur.execute(f"UPDATE jobs SET owner = ? WHERE id IN ({_marks(ids)})", (self.token, *ids))
+            found = cur.execute(f"SELECT * FROM jobs WHERE id IN ({_marks(ids)}) ORDER BY id", ids).fetchall()
+        return [_row_to_job(r) for r in found]
+
+    def hosted_keys(self) -> set[str]:
+        """The hosting keys of every held job, every daemon's: what an orphan sweep must leave."""
+        held = [s.value for s in HELD_STATES]
+        return {r[0] for r in self.read(f"SELECT hosted_key FROM jobs WHERE hosted_key IS NOT NULL AND state IN "
+                                        f"({_marks(held)})", held)}
+
+    def holds(self, job: Job) -> bool:
+        """Whether this run may move `job` (as read): not held by anyone, or held by this run."""
+        return self.token is None or job.state not in HELD_STATES or job.owner == self.token
+
+    def nodes(self) -> list[Node]:
+        """Every run that has used the journal, newest first, with how many jobs each holds now."""
+        rows = self.read(
+            f"SELECT n.*, (SELECT count(*) FROM jobs WHERE owner = n.token AND state IN "
+            f"({_marks(HELD_STATES)})) AS holding FROM nodes n ORDER BY n.started_at DESC",
+            [s.value for s in HELD_STATES])
+        return [Node(name=r["name"], token=r["token"], host=r["host"], pid=r["pid"], started_at=float(r["started_at"]),
+                     heartbeat_at=float(r["heartbeat_at"]), lease_until=float(r["lease_until"]),
+                     left_at=r["left_at"], holding=int(r["holding"])) for r in rows]
+
+    def database_time(self) -> float:
+        """The database's clock (leases are dated by it, whichever machine writes them)."""
+        return float(self._one(f"SELECT {self.store.now_sql}")[0])
+
+    def forget_nodes(self, before: float) -> None:
+        """Drop runs whose lease ended before `before` and that hold nothing: `status` stays short."""
+        held = [s.value for s in HELD_STATES]
+        with self.transaction() as cur:
+            cur.execute(f"DELETE FROM nodes WHERE lease_until < ? AND token NOT IN "
+                        f"(SELECT owner FROM jobs WHERE owner IS NOT NULL AND state IN ({_marks(held)}))",
+                        (before, *held))
 
     # ------------------------------------------------------------------ jobs
 
@@ -398,7 +386,8 @@ class Journal:
         """Record new files as PENDING in one transaction: one commit for a burst, not one per file.
 
         Each file is a `NewJob` with its own settings, or (rel_path, size, mtime_ns) taken with
-        `params`. A path that already has an unfinished job is skipped.
+        `params`. A path that already has an unfinished job is skipped: the database's unique index
+        decides, so of several daemons seeing the same new file on a share exactly one records it.
         """
         now = self._clock()
         ids: list[int] = []
@@ -407,26 +396,25 @@ class Journal:
                 if not isinstance(new, NewJob):
                     new = NewJob(*new, params=params if params is not None else {})
                 output = json.dumps(new.output_settings, sort_keys=True) if new.output_settings is not None else None
-                try:
-                    cur.execute(
-                        "INSERT INTO jobs(rel_path, state, size, mtime_ns, params, profile, output_settings, "
-                        "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (new.rel_path, JobState.PENDING.value, new.size, new.mtime_ns,
-                         json.dumps(new.params, sort_keys=True), new.profile, output, now, now))
-                except sqlite3.IntegrityError:
-                    continue
-                ids.append(cur.lastrowid)
+                row = cur.execute(
+                    "INSERT INTO jobs(rel_path, state, size, mtime_ns, params, profile, output_settings, "
+                    "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id",
+                    (new.rel_path, JobState.PENDING.value, new.size, new.mtime_ns,
+                     json.dumps(new.params, sort_keys=True), new.profile, output, now, now)).fetchone()
+                if row is not None:
+                    ids.append(int(row[0]))
             cur.executemany("INSERT INTO job_events(job_id, at, from_state, to_state, detail) "
                             "VALUES (?, ?, NULL, ?, 'detected')", [(i, now, JobState.PENDING.value) for i in ids])
-            rows = cur.execute(f"SELECT * FROM jobs WHERE id IN ({', '.join('?' for _ in ids)}) ORDER BY id",
+            rows = cur.execute(f"SELECT * FROM jobs WHERE id IN ({_marks(ids)}) ORDER BY id",
                                ids).fetchall() if ids else []
         return [_row_to_job(r) for r in rows]
 
     def transition(self, job: Job, to_state: JobState, detail: str | None = None, **changes: Any) -> Job:
         """Move `job` from the state it was read in to `to_state`, with column changes, atomically.
 
-        Raises StaleTransition when the row is no longer in `job.state` (another path won), and
-        ValueError for a move the state machine does not allow.
+        Raises StaleTransition when the row is no longer in `job.state` (another path won) or, in a
+        fleet, no longer held by this run (another daemon took it over); ValueError for a move the
+        state machine does not allow.
         """
         if to_state not in TRANSITIONS[job.state]:
             raise ValueError(f"illegal transition {job.state.value} -> {to_state.value} for job {job.id}")
@@ -438,19 +426,25 @@ class Journal:
 
     def _compare_and_set(self, job: Job, to_state: JobState, detail: str | None, changes: dict[str, Any]) -> Job:
         unknown = set(changes) - set(_JOB_COLUMNS)
-        if unknown:
-            raise ValueError(f"unknown job columns: {sorted(unknown)}")
+        if unknown or "owner" in changes:
+            raise ValueError(f"unknown job columns: {sorted(unknown | ({'owner'} & set(changes)))}")
         now = self._clock()
         values = dict(changes, state=to_state.value, updated_at=now)
+        if self.token is not None:  # a run holds what it moves into a held state, and lets go of the rest
+            values["owner"] = self.token if to_state in HELD_STATES else None
         for name in JSON_COLUMNS:
             if name in values and values[name] is not None:
                 values[name] = json.dumps(values[name], sort_keys=True)
         assignments = ", ".join(f"{name} = ?" for name in values)
+        where, args = "id = ? AND state = ?", [job.id, job.state.value]
+        if self.token is not None and job.state in HELD_STATES:
+            where += " AND owner = ?"
+            args.append(self.token)
         with self.transaction() as cur:
-            cur.execute(f"UPDATE jobs SET {assignments} WHERE id = ? AND state = ?",
-                        (*values.values(), job.id, job.state.value))
+            cur.execute(f"UPDATE jobs SET {assignments} WHERE {where}", (*values.values(), *args))
             if cur.rowcount != 1:
-                raise StaleTransition(f"job {job.id} is no longer {job.state.value}")
+                raise StaleTransition(f"job {job.id} is no longer {job.state.value}"
+                                      + (" here" if self.token is not None and job.state in HELD_STATES else ""))
             if to_state != job.state:
                 cur.execute(
                     "INSERT INTO job_events(job_id, at, from_state, to_state, detail) VALUES (?, ?, ?, ?, ?)",
@@ -458,6 +452,35 @@ class Journal:
                 )
             row = cur.execute("SELECT * FROM jobs WHERE id = ?", (job.id,)).fetchone()
         return _row_to_job(row)
+
+    def claim(self, limit: int, *, in_flight_limit: int, due_by: float, exclude: Collection[int] = (),
+              detail: str = "slot taken") -> list[Job]:
+        """Take up to `limit` of the oldest PENDING jobs due by `due_by` into PUBLISHING, held by this
+        run, without ever letting the jobs in flight (every daemon's) exceed `in_flight_limit`.
+
+        The count and the claim are one transaction under one lock, so daemons claiming at the same
+        moment never both take the last slot; rows another daemon is claiming are skipped, not waited for.
+        """
+        if limit <= 0:
+            return []
+        with self.transaction() as cur:
+            self.store.lock(cur, "codeformer-daemon slots")
+            in_flight = cur.execute(f"SELECT count(*) FROM jobs WHERE state IN ({_marks(IN_FLIGHT_STATES)})",
+                                    [s.value for s in IN_FLIGHT_STATES]).fetchone()[0]
+            room = min(limit, in_flight_limit - int(in_flight))
+            if room <= 0:
+                return []
+            sql = "SELECT * FROM jobs INDEXED BY jobs_by_state WHERE state = 'pending' AND not_before <= ?"
+            args: list[Any] = [due_by]
+            if exclude:
+                sql += f" AND id NOT IN ({_marks(exclude)})"
+                args.extend(exclude)
+            rows = cur.execute(f"{sql} ORDER BY id LIMIT {int(room)}{self.store.skip_locked}", args).fetchall()
+            claimed = []
+            for row in rows:
+                with contextlib.suppress(StaleTransition):
+                    claimed.append(self.transition(_row_to_job(row), JobState.PUBLISHING, detail))
+        return claimed
 
     def find_twin(self, job: Job) -> Job | None:
         """Another job with identical content and parameters whose result this one should use.
@@ -468,16 +491,11 @@ class Journal:
         """
         if not job.sha256:
             return None
-        ahead = ", ".join("?" for _ in AHEAD_STATES)
-        waiting = ", ".join("?" for _ in NOT_LAUNCHED_STATES)
-        with self._lock:
-            rows = self._db.execute(
-                f"SELECT * FROM jobs WHERE sha256 = ? AND params = ? AND id != ? AND "
-                f"(state = 'done' OR state IN ({ahead}) OR (state IN ({waiting}) AND id < ?)) "
-                "ORDER BY id DESC",
-                (job.sha256, json.dumps(job.params, sort_keys=True), job.id, *AHEAD_STATES,
-                 *NOT_LAUNCHED_STATES, job.id)).fetchall()
-        twins = [_row_to_job(r) for r in rows]
+        twins = self.read_jobs(
+            f"SELECT * FROM jobs WHERE sha256 = ? AND params = ? AND id != ? AND "
+            f"(state = 'done' OR state IN ({_marks(AHEAD_STATES)}) OR (state IN ({_marks(NOT_LAUNCHED_STATES)}) "
+            "AND id < ?)) ORDER BY id DESC",
+            (job.sha256, json.dumps(job.params, sort_keys=True), job.id, *AHEAD_STATES, *NOT_LAUNCHED_STATES, job.id))
         for twin in twins:
             if twin.state is JobState.DONE and twin.output_path and Path(twin.output_path).exists():
                 return twin
@@ -490,17 +508,18 @@ class Journal:
                          settled_twins: Collection[int] = ()) -> tuple[Job | None, Job | None]:
         """Move `job` to SUBMITTING unless an identical job is in flight or done.
 
-        One transaction, so of two identical jobs racing here exactly one gets through; the other
-        gets the twin, to wait for (in flight) or to reuse the result of (done). A done twin counts
-        however it got there, even while this job was publishing; `settled_twins` are done twins the
-        caller already tried and whose result is gone. This is the last guard against paying twice.
+        One transaction under a lock on the content, so of two identical jobs racing here (on any
+        daemon) exactly one gets through; the other gets the twin, to wait for (in flight) or to reuse
+        the result of (done). A done twin counts however it got there, even while this job was
+        publishing; `settled_twins` are done twins the caller already tried and whose result is gone.
+        This is the last guard against paying twice.
         """
-        ahead = ", ".join("?" for _ in AHEAD_STATES)
-        settled = ", ".join("?" for _ in settled_twins) or "-1"  # ids start at 1; NOT IN (NULL) is never true
+        settled = _marks(settled_twins) or "-1"  # ids start at 1; NOT IN (NULL) is never true
         with self.transaction() as cur:
+            self.store.lock(cur, f"codeformer-daemon content {job.sha256}")
             row = cur.execute(
                 f"SELECT * FROM jobs WHERE sha256 = ? AND params = ? AND id != ? AND "
-                f"(state IN ({ahead}) OR (state = 'done' AND id NOT IN ({settled}))) "
+                f"(state IN ({_marks(AHEAD_STATES)}) OR (state = 'done' AND id NOT IN ({settled}))) "
                 "ORDER BY state = 'done', id DESC LIMIT 1",
                 (job.sha256, json.dumps(job.params, sort_keys=True), job.id, *AHEAD_STATES,
                  *settled_twins)).fetchone()
@@ -527,98 +546,96 @@ class Journal:
         """Images paid for in [since, until) (wall time): charges and possible charges, less refunds,
         dated in it; one range of the `at` index. Never below 0 (a refund of a submit made before the
         ledger existed has no charge to cancel)."""
-        with self._lock:
-            row = self._db.execute("SELECT sum(CASE kind WHEN 'refunded' THEN -1 ELSE 1 END) FROM charges "
-                                   "WHERE at >= ? AND at < ?", (since, until)).fetchone()
+        row = self._one("SELECT sum(CASE kind WHEN 'refunded' THEN -1 ELSE 1 END) FROM charges "
+                        "WHERE at >= ? AND at < ?", (since, until))
         return max(0, int(row[0] or 0))
 
     def last_charge_id(self) -> int:
         """The id of the ledger's newest line (0: empty). It changes exactly when a line is added, so a
         reader may keep its sums until it does (the loop asks every pass; this is one index seek)."""
-        with self._lock:
-            row = self._db.execute("SELECT max(id) FROM charges").fetchone()
-        return int(row[0] or 0)
+        return int(self._one("SELECT max(id) FROM charges")[0] or 0)
 
     # ------------------------------------------------------------------ retry requests (from the CLI)
 
     def request_retry(self, job_ids: list[int]) -> None:
         """Ask the running daemon to send these failed jobs again (see daemon.retry)."""
         with self.transaction() as cur:
-            cur.executemany("INSERT OR IGNORE INTO retry_requests(job_id, requested_at) VALUES (?, ?)",
+            cur.executemany("INSERT INTO retry_requests(job_id, requested_at) VALUES (?, ?) ON CONFLICT DO NOTHING",
                             [(job_id, self._clock()) for job_id in job_ids])
 
     def retry_requests(self) -> list[int]:
-        with self._lock:
-            return [r[0] for r in self._db.execute("SELECT job_id FROM retry_requests ORDER BY job_id")]
+        return [int(r[0]) for r in self.read("SELECT job_id FROM retry_requests ORDER BY job_id")]
 
     def forget_retry_request(self, job_id: int) -> None:
         with self.transaction() as cur:
             cur.execute("DELETE FROM retry_requests WHERE job_id = ?", (job_id,))
 
+    # ------------------------------------------------------------------ reading jobs
+
     def get(self, job_id: int) -> Job | None:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        row = self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
         return _row_to_job(row) if row else None
+
+    def _held_here(self, states: Collection[JobState]) -> tuple[str, list[Any]]:
+        """The condition that keeps, of `states`, the held ones to this run's own (a fleet's daemon
+        works only on what it holds; the queue is everyone's)."""
+        if self.token is None or not any(s in HELD_STATES for s in states):
+            return "", []
+        return " AND (state = 'pending' OR owner = ?)", [self.token]
 
     def jobs_in(self, *states: JobState, limit: int | None = None, due_by: float | None = None,
                 exclude: Collection[int] = ()) -> list[Job]:
-        """Jobs in any of `states`, oldest first.
+        """Jobs in any of `states`, oldest first; for a run in a fleet, held ones only if it holds them.
 
         `due_by` keeps only jobs whose backoff (`not_before`) has passed by then, and `exclude` leaves
         out the given ids, both in SQL: a LIMIT applied before them would let jobs that are backing
         off (or already running) hide the newer ones that are ready.
         """
-        marks = ", ".join("?" for _ in states)
         # One state: walk its index in id order and stop at the limit. Left to itself SQLite may
         # prefer the (state, not_before) index and sort every matching row first: a backlog's worth.
         by_state = " INDEXED BY jobs_by_state" if len(states) == 1 else ""
-        sql = f"SELECT * FROM jobs{by_state} WHERE state IN ({marks})"
-        args: list[Any] = [s.value for s in states]
+        mine, mine_args = self._held_here(states)
+        sql = f"SELECT * FROM jobs{by_state} WHERE state IN ({_marks(states)}){mine}"
+        args: list[Any] = [s.value for s in states] + mine_args
         if due_by is not None:
             sql += " AND not_before <= ?"
             args.append(due_by)
         if exclude:
-            sql += f" AND id NOT IN ({', '.join('?' for _ in exclude)})"
+            sql += f" AND id NOT IN ({_marks(exclude)})"
             args.extend(exclude)
         sql += " ORDER BY id"
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
-        with self._lock:
-            rows = self._db.execute(sql, args).fetchall()
-        return [_row_to_job(r) for r in rows]
+        return self.read_jobs(sql, args)
 
     def next_due(self, states: Collection[JobState], after: float) -> float | None:
         """The earliest backoff among jobs in `states` that ends after `after`, for the loop's sleep:
         a seek in the (state, not_before) index per state, whatever the backlog."""
-        marks = ", ".join("?" for _ in states)
-        with self._lock:
-            row = self._db.execute(f"SELECT min(not_before) FROM jobs WHERE state IN ({marks}) AND not_before > ?",
-                                   (*(s.value for s in states), after)).fetchone()
+        mine, mine_args = self._held_here(states)
+        row = self._one(f"SELECT min(not_before) FROM jobs WHERE state IN ({_marks(states)}){mine} "
+                        "AND not_before > ?", (*(s.value for s in states), *mine_args, after))
         return float(row[0]) if row[0] is not None else None
 
     def next_pending(self, *, limit: int, due_by: float, exclude: Collection[int] = ()) -> list[tuple[int, bool]]:
         """(id, already checked) of the oldest PENDING jobs due by `due_by`, without reading their rows."""
-        sql = "SELECT id, sha256 IS NOT NULL FROM jobs INDEXED BY jobs_by_state WHERE state = 'pending' AND not_before <= ?"
+        sql = ("SELECT id, sha256 IS NOT NULL FROM jobs INDEXED BY jobs_by_state WHERE state = 'pending' "
+               "AND not_before <= ?")
         args: list[Any] = [due_by]
         if exclude:
-            sql += f" AND id NOT IN ({', '.join('?' for _ in exclude)})"
+            sql += f" AND id NOT IN ({_marks(exclude)})"
             args.extend(exclude)
-        with self._lock:
-            rows = self._db.execute(sql + f" ORDER BY id LIMIT {int(limit)}", args).fetchall()
-        return [(int(r[0]), bool(r[1])) for r in rows]
+        return [(int(r[0]), bool(r[1])) for r in self.read(sql + f" ORDER BY id LIMIT {int(limit)}", args)]
 
     def ids_in(self, state: JobState) -> list[int]:
-        """Ids of the jobs in `state`, oldest first, without reading their rows."""
-        with self._lock:
-            return [r[0] for r in self._db.execute("SELECT id FROM jobs INDEXED BY jobs_by_state WHERE state = ? "
-                                                   "ORDER BY id", (state.value,))]
+        """Ids of the jobs in `state` (this run's, if held), oldest first, without reading their rows."""
+        mine, mine_args = self._held_here([state])
+        return [int(r[0]) for r in self.read(f"SELECT id FROM jobs INDEXED BY jobs_by_state WHERE state = ?{mine} "
+                                             "ORDER BY id", (state.value, *mine_args))]
 
     def count_in(self, *states: JobState) -> int:
-        marks = ", ".join("?" for _ in states)
-        with self._lock:
-            row = self._db.execute(f"SELECT count(*) FROM jobs WHERE state IN ({marks})",
-                                   [s.value for s in states]).fetchone()
-        return int(row[0])
+        """Jobs in any of `states`, every daemon's: slots are counted fleet-wide."""
+        return int(self._one(f"SELECT count(*) FROM jobs WHERE state IN ({_marks(states)})",
+                             [s.value for s in states])[0])
 
     def active_jobs_for(self, paths: Collection[str]) -> dict[str, tuple[int, int]]:
         """Which of `paths` have an unfinished job: rel_path -> (size, mtime_ns) it was taken with.
@@ -628,73 +645,26 @@ class Journal:
         """
         if not paths:
             return {}
-        marks = ", ".join("?" for _ in paths)
-        with self._lock:
-            rows = self._db.execute(
-                f"SELECT rel_path, size, mtime_ns FROM jobs INDEXED BY jobs_one_active_per_path "
-                f"WHERE rel_path IN ({marks}) AND state NOT IN ('done', 'failed', 'vanished')",
-                list(paths)).fetchall()
+        rows = self.read(f"SELECT rel_path, size, mtime_ns FROM jobs INDEXED BY jobs_one_active_per_path "
+                         f"WHERE rel_path IN ({_marks(paths)}) AND state NOT IN ('done', 'failed', 'vanished')",
+                         list(paths))
         return {r[0]: (int(r[1]), int(r[2])) for r in rows}
 
     def has_active_job(self, rel_path: str) -> bool:
         return bool(self.active_jobs_for([rel_path]))
 
     def counts_by_state(self) -> dict[str, int]:
-        with self._lock:
-            rows = self._db.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall()
-        return {r[0]: int(r[1]) for r in rows}
+        return {r[0]: int(r[1]) for r in self.read("SELECT state, count(*) FROM jobs GROUP BY state")}
 
     def recent(self, state: JobState, limit: int = 10) -> list[Job]:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM jobs WHERE state = ? ORDER BY updated_at DESC LIMIT ?",
-                                    (state.value, limit)).fetchall()
-        return [_row_to_job(r) for r in rows]
-
-    def read(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        """Rows of one read-only query, for the reports `status` and the dashboard show (daemon.reports)."""
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
-
-    def read_jobs(self, sql: str, args: Sequence[Any] = ()) -> list[Job]:
-        """Jobs from one read-only `SELECT * FROM jobs ...` query (daemon.reports)."""
-        return [_row_to_job(r) for r in self.read(sql, args)]
+        return self.read_jobs("SELECT * FROM jobs WHERE state = ? ORDER BY updated_at DESC LIMIT ?",
+                              (state.value, limit))
 
     def history(self, job_id: int) -> list[dict[str, Any]]:
         """The transitions of one job, oldest first, for error records and `status`."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT at, from_state, to_state, detail FROM job_events WHERE job_id = ? ORDER BY id",
-                (job_id,)).fetchall()
-        return [dict(r) for r in rows]
+        return [dict(r) for r in self.read("SELECT at, from_state, to_state, detail FROM job_events "
+                                           "WHERE job_id = ? ORDER BY id", (job_id,))]
 
-    def summary(self, now: float, recent_failures: int = 10) -> dict[str, Any]:
-        """Everything `status` shows, as plain data (the CLI renders it, or dumps it as JSON)."""
-        watching = (JobState.PUBLISHING, JobState.SUBMITTING, JobState.SUBMITTED, JobState.DOWNLOADING,
-                    JobState.DELIVERING, JobState.FAILING)
-        in_flight = [{
-            "job_id": j.id, "file": j.rel_path, "state": j.state.value, "request_id": j.request_id,
-            "remote_status": j.remote_status,
-            "age_seconds": round(now - (j.submitted_at or j.created_at), 1),
-            "profile": j.profile, "params": j.params,
-        } for j in self.jobs_in(*watching)]
-        failures = [{
-            "job_id": j.id, "file": j.rel_path, "reason": j.last_error, "stage": j.error_kind,
-            "request_id": j.request_id, "moved_to": j.final_path, "at": j.finished_at,
-            "profile": j.profile, "params": j.params,
-        } for j in self.recent(JobState.FAILED, recent_failures)]
-        with self._lock:
-            spent = self._db.execute("SELECT count(*) FROM job_events WHERE to_state = 'submitted'").fetchone()[0]
-        heartbeat = self.heartbeat_age(now)
-        return {
-            "counts": {state.value: 0 for state in JobState} | self.counts_by_state(),
-            "in_flight": in_flight,
-            "recent_failures": failures,
-            "paused": self.get_meta("paused"),
-            "inbox_unavailable": self.get_meta("inbox_unavailable"),
-            "ambiguous_at_restart": self.counter("ambiguous_at_restart"),
-            "duplicates_skipped": self.counter("duplicates_skipped"),
-            "unchanged_delivered": self.counter("unchanged_delivered"),
-            "submissions_spent": int(spent),
-            "heartbeat_age_seconds": round(heartbeat, 1) if heartbeat is not None else None,
-            "pid": int(self.get_meta("pid") or 0) or None,
-        }
+    def submissions_spent(self) -> int:
+        """Submits the provider accepted, ever (each move into SUBMITTED is one)."""
+        return int(self._one("SELECT count(*) FROM job_events WHERE to_state = 'submitted'")[0])

@@ -371,6 +371,25 @@ class SubmitGate:
             return "resumed"
         return None
 
+    def follow_pause(self, reason: str, detail: str, now: float, probe_at: float) -> str | None:
+        """Another daemon of the fleet was refused (daemon.fleet): pause as if this one had been, with
+        its first probe at `probe_at`. 'paused' if that is news."""
+        changed = self.reason != reason
+        if changed:
+            self.paused_since = now
+            self.paused_by_poll = False
+            self.next_reminder = now + self.reminder_every
+            self.delay = self.first_delay
+        self.reason, self.detail, self.until, self.probe_out = reason, detail, probe_at, False
+        return "paused" if changed else None
+
+    def follow_resume(self) -> str | None:
+        """The daemon whose refusal paused this one saw a submit accepted: 'resumed' if this was paused."""
+        if self.reason is None:
+            return None
+        self.reason, self.probe_out = None, False
+        return "resumed"
+
     def reload(self, now: float) -> None:
         """The key or settings were reloaded: probe at once instead of waiting out the backoff."""
         if self.paused:

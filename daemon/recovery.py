@@ -1,8 +1,12 @@
-"""What a restart does first: carry on every job a previous run left mid-way.
+"""What a restart does first, and a fleet's daemon whenever another's lease lapses: carry on every
+job a run that is gone left mid-way.
 
-PUBLISHING goes back to PENDING (published again later); SUBMITTING is the ambiguous window and
-goes to failed/ with the reason, never resent; SUBMITTED is served again under the same key and
-polling resumes. Then orphans of a crash are swept from the host and temporary files removed.
+The jobs are taken over in the journal first (`Journal.take_over`), then each goes on from its
+state: PUBLISHING goes back to PENDING (published again later); SUBMITTING is the ambiguous window
+and goes to failed/ with the reason, never resent; SUBMITTED is served again under the same key where
+its checked copy is on this machine, and polling resumes (never a second submit); the later states
+need nothing, the loop picks them up. At start, orphans of a crash are then swept from the host and
+temporary files removed.
 """
 
 from __future__ import annotations
@@ -34,18 +38,16 @@ def recover(ctx: Context, progress: Callable[[], None] = lambda: None) -> None:
     share) is work being done, not a hung daemon, and systemd's watchdog must hear so.
     """
     journal = ctx.journal
-    for job in journal.jobs_in(JobState.PUBLISHING):
-        _recover_one(ctx, job, _recover_publishing, progress)
-    for job in journal.jobs_in(JobState.SUBMITTING):
-        _recover_one(ctx, job, _recover_submitting, progress)
-    keep = {job.hosted_key for job in journal.jobs_in(JobState.SUBMITTED) if job.hosted_key}
-    for job in journal.jobs_in(JobState.SUBMITTED):
-        _recover_one(ctx, job, _recover_submitted, progress)
-    try:
-        swept = ctx.host.sweep(keep)
-    except Exception as exc:  # noqa: BLE001 - orphans wait for the next start (and the lifecycle rule)
-        log.warning("hosting.sweep_failed", error=f"{type(exc).__name__}: {exc}")
-        swept = 0
+    # One daemon on its own journal: whatever is held was held by its own previous run.
+    for job in journal.take_over(everything=not journal.store.shared):
+        carry_on(ctx, job, progress)
+    swept = 0
+    if _alone(journal):  # another live daemon's publications are not orphans
+        keep = journal.hosted_keys()
+        try:
+            swept = ctx.host.sweep(keep)
+        except Exception as exc:  # noqa: BLE001 - orphans wait for the next start (and the lifecycle rule)
+            log.warning("hosting.sweep_failed", error=f"{type(exc).__name__}: {exc}")
     progress()
     removed = sum(remove_temporaries(p, progress) for p in (ctx.folders.outbox, ctx.folders.archive,
                                                              ctx.folders.failed))
@@ -53,6 +55,21 @@ def recover(ctx: Context, progress: Callable[[], None] = lambda: None) -> None:
     if swept or removed or unpinned:
         log.info("recover.cleaned", orphans_unpublished=swept, temporary_files_removed=removed,
                  staged_copies_removed=unpinned)
+
+
+def carry_on(ctx: Context, job: Job, progress: Callable[[], None] = lambda: None) -> None:
+    """Put one job taken over from a run that is gone back on a path that continues it."""
+    step = _STEPS.get(job.state)
+    if step is not None:
+        _recover_one(ctx, job, step, progress)
+
+
+def _alone(journal) -> bool:
+    """No other daemon of the fleet is alive (always, on SQLite)."""
+    if not journal.store.shared:
+        return True
+    now = journal.database_time()
+    return not any(n.token != journal.token and n.lease_until > now and n.left_at is None for n in journal.nodes())
 
 
 def _sweep_staging(ctx: Context) -> int:
@@ -95,11 +112,20 @@ def _recover_submitting(ctx: Context, job: Job) -> None:
 
 
 def _recover_submitted(ctx: Context, job: Job) -> None:
-    """The provider may not have fetched the scan yet: serve it again under the same key."""
-    if job.hosted_key and job.upload_path:
+    """The provider may not have fetched the scan yet: serve it again under the same key, if its
+    checked copy is on this machine (a job taken over from another station's daemon is only polled)."""
+    if job.hosted_key and job.upload_path and Path(job.upload_path).is_file():
         try:
             ctx.host.publish(job.hosted_key, Path(job.upload_path),
                                   "image/png" if job.hosted_key.endswith(".png") else "image/jpeg")
         except Exception as exc:  # noqa: BLE001 - a missing file only fails that job's fetch
             log.warning("file.republish_failed", rel_path=job.rel_path, job_id=job.id, error=str(exc))
     log.info("job.resumed", rel_path=job.rel_path, job_id=job.id, request_id=job.request_id)
+
+
+_STEPS: dict[JobState, Callable[[Context, Job], None]] = {
+    JobState.PUBLISHING: _recover_publishing,
+    JobState.SUBMITTING: _recover_submitting,
+    JobState.SUBMITTED: _recover_submitted,
+}
+"""What a job left in each state needs before the loop carries it on; the later states need nothing."""

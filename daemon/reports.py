@@ -21,12 +21,61 @@ LATEST_RESTORED = 8
 HOURS_CHARTED = 24
 
 
+def journal_summary(journal: Journal, now: float, recent_failures: int = 10) -> dict[str, Any]:
+    """The journal's part of `status`, as plain data: counts, what is in flight, recent failures,
+    pauses and counters, the daemon's heartbeat, and the fleet's daemons."""
+    watching = (JobState.PUBLISHING, JobState.SUBMITTING, JobState.SUBMITTED, JobState.DOWNLOADING,
+                JobState.DELIVERING, JobState.FAILING)
+    in_flight = [{
+        "job_id": j.id, "file": j.rel_path, "state": j.state.value, "request_id": j.request_id,
+        "remote_status": j.remote_status,
+        "age_seconds": round(now - (j.submitted_at or j.created_at), 1),
+        "profile": j.profile, "params": j.params,
+    } for j in journal.jobs_in(*watching)]
+    failures = [{
+        "job_id": j.id, "file": j.rel_path, "reason": j.last_error, "stage": j.error_kind,
+        "request_id": j.request_id, "moved_to": j.final_path, "at": j.finished_at,
+        "profile": j.profile, "params": j.params,
+    } for j in journal.recent(JobState.FAILED, recent_failures)]
+    heartbeat = journal.heartbeat_age(now)
+    return {
+        "counts": {state.value: 0 for state in JobState} | journal.counts_by_state(),
+        "in_flight": in_flight,
+        "recent_failures": failures,
+        "paused": journal.get_meta("paused"),
+        "inbox_unavailable": journal.get_meta("inbox_unavailable"),
+        "ambiguous_at_restart": journal.counter("ambiguous_at_restart"),
+        "duplicates_skipped": journal.counter("duplicates_skipped"),
+        "unchanged_delivered": journal.counter("unchanged_delivered"),
+        "submissions_spent": journal.submissions_spent(),
+        "heartbeat_age_seconds": round(heartbeat, 1) if heartbeat is not None else None,
+        "pid": int(journal.get_meta("pid") or 0) or None,
+        "fleet": fleet(journal) if journal.store.shared else None,
+    }
+
+
+FLEET_SHOWN_AFTER_LEAVING = 86400.0
+"""A daemon that stopped (or died) stays in `status` this long after its lease ended."""
+
+
+def fleet(journal: Journal) -> list[dict[str, Any]]:
+    """Each daemon of the fleet, newest first: its name, host, last heartbeat (seconds ago, by the
+    database's clock), whether its lease is live, and how many jobs it holds now."""
+    now = journal.database_time()
+    return [{
+        "node": n.name, "host": n.host, "pid": n.pid, "token": n.token,
+        "heartbeat_age_seconds": round(now - n.heartbeat_at, 1),
+        "alive": n.lease_until > now and n.left_at is None,
+        "left": n.left_at is not None, "holding": n.holding,
+    } for n in journal.nodes() if n.lease_until > now - FLEET_SHOWN_AFTER_LEAVING or n.holding]
+
+
 def status_report(journal: Journal, now: float) -> dict[str, Any]:
     """Everything `status` shows, as plain data: the journal's summary with a person's pause, the
     oldest waiting file, folder settings that hold files, and the budget with the day's and month's
     paid submits from the ledger. The limits shown are those the daemon applies (its loop records them
     in the journal), so every reader shows the same ones."""
-    report = journal.summary(now)
+    report = journal_summary(journal, now)
     person = control.paused_by_person_since(journal)
     if person is not None:
         report["paused"] = control.PAUSED_BY_PERSON

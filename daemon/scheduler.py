@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import structlog
 
-from . import control, previews, recovery, retry, stages
+from . import control, fleet, previews, recovery, retry, stages
 from .api import PollVerdict, SubmitVerdict
 from .journal import FINAL_STATES, IN_FLIGHT_STATES, Charge, Job, JobState, StaleTransition, heartbeat_file
-from .journal import NewJob
+from .journal import NewJob, StorageUnavailable
 from .pacing import NO_BALANCE, PollPlan, SubmitGate, full_jitter, overdue_reason
 from .profiles import HELD_RETRY_SECONDS, SETTINGS_META, FolderSettings, Held
 from .spending import SpendingLimit
@@ -145,6 +145,10 @@ class Scheduler:
         """The settings each new file is taken with: profiles and the folders' codeformer.yaml files."""
         self.spending = SpendingLimit(ctx.journal, lambda: self.ctx.wall(), on_change=self._record_pause)
         """Daily and monthly limits on submits, from the ledger."""
+        self.fleet = fleet.Fleet(ctx.journal, self.gate, clock) if ctx.journal.store.shared else None
+        """The other daemons sharing the journal's database (PostgreSQL); None on SQLite."""
+        self.outage = fleet.Outage(clock)
+        """Whether the journal's database can be reached, said once when that changes."""
 
     # ------------------------------------------------------------------ the loop
 
@@ -175,15 +179,23 @@ class Scheduler:
                     self.start_polls()
                     self.start_finishing()
                     self.heartbeat()
+                    self._after_outage()
+                except StorageUnavailable as exc:  # the fleet's database is down: files wait, nothing is lost
+                    self.outage.began(exc)
+                    self.last_pass = self.clock()
+                    self.wake.wait(LOOP_ERROR_PAUSE)
                 except Exception as exc:  # noqa: BLE001 - e.g. the state disk is full: wait, then go on
                     log.error("loop.error", error=f"{type(exc).__name__}: {exc}", exc_info=True)
                     self.last_pass = self.clock()  # still a live loop: a full disk is no reason for a restart
                     self.wake.wait(LOOP_ERROR_PAUSE)
                 self.sleep_until_due()
         finally:
-            self.ctx.journal.set_meta("paused", None)
-            self.ctx.journal.set_meta("inbox_unavailable", None)  # `status` must not show a stale fact
-            self.ctx.journal.set_meta(SETTINGS_META, None)
+            try:
+                self.ctx.journal.set_meta("paused", None)
+                self.ctx.journal.set_meta("inbox_unavailable", None)  # `status` must not show a stale fact
+                self.ctx.journal.set_meta(SETTINGS_META, None)
+            except StorageUnavailable:
+                pass  # nothing to tidy in a database that cannot be reached
 
     def _recovery_progress(self) -> None:
         """Recovery is moving: count it as a pass, so the watchdog keeps being fed through a long one."""
@@ -256,7 +268,29 @@ class Scheduler:
         if answer.verdict is SubmitVerdict.ACCEPTED:
             sent_at = outcome.sent_at if outcome.sent_at is not None else now
             self.polls.submitted(outcome.job_id, sent_at, now, webhook=outcome.webhook)
-        self._announce(self.gate.on_submit(answer, now, outcome.sent_at), answer.message)
+        change = self.gate.on_submit(answer, now, outcome.sent_at)
+        self._announce(change, answer.message)
+        if change is not None or answer.verdict in (SubmitVerdict.NO_BALANCE, SubmitVerdict.AUTH) \
+                or answer.http_status == 429:
+            self._share_gate(change)
+
+    def _after_outage(self) -> None:
+        """The journal answers (again): jobs whose stage could not record its outcome go on as after a
+        restart, and the inbox is scanned again for files that settled meanwhile."""
+        left = self.outage.ended()
+        if left is None:
+            return
+        self.watcher.request_rescan()
+        for job_id in left:
+            job = self.ctx.journal.get(job_id)
+            if job is not None and job.id not in self._running and self.ctx.journal.holds(job) \
+                    and job.state in (JobState.PUBLISHING, JobState.SUBMITTING):
+                self._dispatch(job, "recover", recovery.carry_on)
+
+    def _share_gate(self, change: str | None = None) -> None:
+        """What this daemon heard from the provider, for the fleet's other daemons."""
+        if self.fleet is not None:
+            self.fleet.share(self.clock(), self.ctx.wall())
 
     def _announce(self, change: str | None, detail: str) -> None:
         """Say what the gate's change means, once, and keep `status` in step with it."""
@@ -298,9 +332,14 @@ class Scheduler:
         answer = outcome.poll
         self.ctx.metrics.poll_answered(answer.verdict)
         if answer.verdict is PollVerdict.AUTH:
-            self._announce(self.gate.on_key_rejected_by_poll(answer.message, now), answer.message)
+            change = self.gate.on_key_rejected_by_poll(answer.message, now)
+            self._announce(change, answer.message)
+            self._share_gate(change)
         elif answer.http_status == 200:
-            self._announce(self.gate.on_key_accepted_by_poll(), "")
+            change = self.gate.on_key_accepted_by_poll()
+            self._announce(change, "")
+            if change is not None:
+                self._share_gate(change)
         if self.polls.heard(outcome.job_id, answer, now, self.ctx.wall()):
             log.warning("webhook.not_arriving", job_id=outcome.job_id,
                         detail="a job finished without its webhook call (is hosting.builtin.public_url reachable "
@@ -345,6 +384,8 @@ class Scheduler:
             return
         self._next_retry_check = now + RETRY_CHECK_SECONDS
         self._follow_person_pause()
+        if self.fleet is not None:
+            self._announce(self.fleet.follow(now, self.ctx.wall()), "another daemon of the fleet")
         if self.stop_requested or not self.watcher.available:
             return
         retry.take_requests(self.ctx.journal, self.ctx.inbox)
@@ -445,15 +486,13 @@ class Scheduler:
         if journal.count_in(JobState.DOWNLOADING) >= RESULTS_WAITING_AT_MOST * self.max_in_flight:
             return  # this station delivers slower than the provider restores: let it catch up first
         # Readiness is decided in SQL: the oldest jobs backing off must not hide newer ones that are ready.
-        ready = journal.jobs_in(JobState.PENDING, limit=free, due_by=self.ctx.wall(), exclude=list(self._running))
+        now_wall, running = self.ctx.wall(), list(self._running)
+        ready = journal.next_pending(limit=free, due_by=now_wall, exclude=running)
         allowed = self.gate.allowed(self.clock(), min(free, len(ready))) if ready else 0
         launched = 0
         try:
-            for job in ready[:allowed]:
-                try:
-                    job = journal.transition(job, JobState.PUBLISHING, "slot taken")
-                except StaleTransition:
-                    continue
+            # The claim counts the slots again, every daemon's, in the transaction that takes them.
+            for job in journal.claim(allowed, in_flight_limit=self.gate.limit, due_by=now_wall, exclude=running):
                 self._dispatch(job, "launch", stages.launch)
                 launched += 1
         finally:
@@ -536,6 +575,9 @@ class Scheduler:
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + HEARTBEAT_SECONDS
             self.ctx.journal.beat()  # a touched file, never a synced write: idle costs the disk nothing
+            if self.fleet is not None:
+                for job in self.fleet.renew_and_take_over(now, self.outage.ended_at):
+                    self._dispatch(job, "takeover", recovery.carry_on)
             if self.status_hook is not None:  # two counts every two seconds are not worth making for nobody
                 self.status_hook(self.activity())
 
@@ -612,6 +654,8 @@ class Scheduler:
                 return stage(self.ctx, job) or stages.StageOutcome(job.id)
             except StaleTransition as exc:
                 log.debug("job.stale", error=str(exc))
+            except StorageUnavailable as exc:  # said once by the loop; the job is looked at again when it is back
+                self.outage.left_behind(job.id, exc)
             except Exception as exc:  # noqa: BLE001 - one job's trouble must not stop the daemon
                 try:
                     self._after_stage_error(job, exc)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import contextlib
 import os
 import threading
 import time
@@ -24,6 +25,7 @@ from .config import (Config, ConfigError, LoggingConfig, Secret, load_config, re
                      resolve_dashboard_token)
 from .hosting import HostingAdapter, HostingError, create_adapter
 from .journal import Journal, JournalError
+from .storage import JOURNAL_NAME, open_store
 from .logging import register_secret
 from .metrics import Metrics
 from .notify import Notifier, Watchdog
@@ -37,7 +39,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("daemon.service")
 
-JOURNAL_NAME = "journal.sqlite3"
 LOCK_NAME = "daemon.lock"
 
 
@@ -176,8 +177,9 @@ class Service:
         memory.configure(config.preflight.max_decode_mb)
         self._take_lock()
         try:
-            self.journal = Journal(journal_path(config))
-        except JournalError as exc:
+            self.journal = Journal(open_store(config))
+            self.journal.join(config.state.node_name, config.state.postgresql.lease_seconds)
+        except (JournalError, ConfigError) as exc:
             raise StartupError(str(exc)) from None
         try:
             self.host.start()
@@ -208,7 +210,7 @@ class Service:
         from .dashboard.server import start_dashboard
 
         try:
-            return start_dashboard(self.config, journal_path(self.config), token.reveal() if token else None,
+            return start_dashboard(self.config, open_store(self.config), token.reveal() if token else None,
                                    metrics=self.metrics.render if self.metrics is not None else None)
         except OSError as exc:
             log.error("dashboard.unavailable", listen=self.config.dashboard.listen,
@@ -324,6 +326,9 @@ class Service:
         if self.scheduler is not None:
             self.scheduler.ctx.api.close()
         if self.journal is not None:
+            if self.journal.store.shared:  # what is left is the others' to take over now, not after the lease
+                with contextlib.suppress(JournalError):
+                    self.journal.leave()
             self.journal.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)

@@ -246,3 +246,21 @@ def daemon_process(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
     yield start
     for proc in started:
         proc.kill()
+
+
+# --------------------------------------------------------------------------- a throwaway PostgreSQL
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator["PostgresServer"]:  # noqa: F821
+    """One PostgreSQL 15 cluster for the whole session, started only when a test asks for it."""
+    from .postgres_server import PostgresServer
+
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server: "PostgresServer") -> str:  # noqa: F821
+    """A new empty database per test, so tests never see each other's tables."""
+    return postgres_server.create_database()

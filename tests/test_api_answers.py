@@ -11,6 +11,7 @@ import signal
 import time
 from pathlib import Path
 
+from daemon import reports
 from daemon.cli import render_status
 from daemon.demo import make_photo
 from daemon.journal import IN_FLIGHT_STATES, Journal, JobState
@@ -28,7 +29,7 @@ def status_text(config) -> str:
     """What `codeformer-daemon status` prints for this state_dir."""
     journal = Journal(journal_path(config), read_only=True)
     try:
-        return render_status(journal.summary(time.time()))
+        return render_status(reports.journal_summary(journal, time.time()))
     finally:
         journal.close()
 

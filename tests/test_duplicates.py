@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 
+from daemon import reports
 from daemon.config import config_from_mapping
 from daemon.demo import make_photo
 from daemon.journal import Journal, JobState
@@ -42,7 +43,7 @@ def test_same_image_dropped_before_and_after_the_first_completes_costs_one_submi
     duplicates = [e for e in captured_logs if e["event"] == "job.duplicate"]
     assert len(duplicates) == 2
     journal = Journal(journal_path(config), read_only=True)
-    assert journal.summary(0)["duplicates_skipped"] == 2
+    assert reports.journal_summary(journal, 0)["duplicates_skipped"] == 2
     journal.close()
 
 
@@ -122,5 +123,5 @@ def test_status_counts_the_ambiguous_window_found_at_restart(tmp_path, folders, 
     assert "not resent automatically" in record.read_text()
     assert emulator.stats()["submits_received"] == 0
     reader = Journal(journal_path(config), read_only=True)
-    assert reader.summary(0)["ambiguous_at_restart"] == 1
+    assert reports.journal_summary(reader, 0)["ambiguous_at_restart"] == 1
     reader.close()

@@ -6,6 +6,7 @@ import sqlite3
 
 import pytest
 
+from daemon import reports
 from daemon.journal import SCHEMA_VERSION, TRANSITIONS, Journal, JobState, JournalError, StaleTransition
 
 PARAMS = {"codeformer_fidelity": 0.5, "background_enhance": True, "face_upsample": True, "upscale": 2}
@@ -102,7 +103,7 @@ def test_newer_schema_is_refused(tmp_path):
 def test_read_only_journal_reads_beside_a_writer(journal):
     journal.add_job("a.jpg", 10, 1, PARAMS)
     reader = Journal(journal.path, read_only=True)
-    assert reader.summary(0)["counts"]["pending"] == 1
+    assert reports.journal_summary(reader, 0)["counts"]["pending"] == 1
     reader.close()
 
 
@@ -128,7 +129,7 @@ def test_a_version_1_journal_is_migrated_in_place_keeping_its_jobs(tmp_path):
     db.executescript(V1_SCHEMA)
     db.close()
     journal = Journal(path)
-    assert journal.get_meta("schema_version") == str(SCHEMA_VERSION) == "7"
+    assert journal.get_meta("schema_version") == str(SCHEMA_VERSION) == "8"
     [job] = journal.jobs_in(JobState.SUBMITTED)
     assert job.request_id == "req-from-v1" and job.duplicate_of is None
     journal.update(job, duplicate_of=None, sha256="abc")  # v2: the new column and index are usable

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageCms
 
+from daemon import reports
 from daemon.demo import make_photo
 from daemon.journal import Journal
 from daemon.service import journal_path
@@ -185,7 +186,7 @@ def test_an_unchanged_result_is_delivered_and_flagged_or_failed(tmp_path, folder
             'cfd:unchanged="True"' in image.info["xmp"].decode()
     assert any(e["event"] == "job.unchanged" for e in captured_logs)
     journal = Journal(journal_path(config), read_only=True)
-    wait_for(lambda: journal.summary(0)["unchanged_delivered"] == 1, 5, what="the count in status")
+    wait_for(lambda: reports.journal_summary(journal, 0)["unchanged_delivered"] == 1, 5, what="the count in status")
     journal.close()
 
 

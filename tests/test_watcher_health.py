@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon import reports
 from daemon.cli import render_status
 from daemon.demo import make_photo
 from daemon.journal import JobState
@@ -17,7 +18,7 @@ from .test_end_to_end import write_slowly
 
 
 def summary(daemon) -> dict:
-    return daemon.service.journal.summary(time.time())
+    return reports.journal_summary(daemon.service.journal, time.time())
 
 
 def wait_until_in_flight_and_fetched(daemon, emulator, count: int) -> None:

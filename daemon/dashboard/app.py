@@ -46,10 +46,10 @@ Handler = Callable[..., Response]
 class DashboardApp:
     """The WSGI callable. `token` None: no login (loopback only, checked by the configuration)."""
 
-    def __init__(self, journal_path: Path, failed_dir: Path, *, token: str | None = None,
+    def __init__(self, journal_store, failed_dir: Path, *, token: str | None = None,
                  thumbnails: Path | None = None, metrics: Callable[[], tuple[bytes, str]] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
-        self.journal = Journal(journal_path)
+        self.journal = Journal(journal_store)
         self.failed_dir = failed_dir
         self.token = token
         self.thumbnails = thumbnails

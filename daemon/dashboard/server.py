@@ -75,13 +75,13 @@ class DashboardServer:
             self.app.close()
 
 
-def start_dashboard(config, journal_path: Path, token: str | None, metrics=None) -> DashboardServer | None:
+def start_dashboard(config, journal_store, token: str | None, metrics=None) -> DashboardServer | None:
     """The dashboard as configured, started; None when `dashboard.listen` is null."""
     dashboard = config.dashboard
     if dashboard.listen is None:
         return None
     thumbnails = config.state_dir / "thumbnails" if dashboard.thumbnails else None
-    app = DashboardApp(journal_path, config.folders.failed, token=token, thumbnails=thumbnails, metrics=metrics)
+    app = DashboardApp(journal_store, config.folders.failed, token=token, thumbnails=thumbnails, metrics=metrics)
     server = DashboardServer(app, dashboard.listen)
     try:
         server.start()
