@@ -105,9 +105,12 @@ def _taken_with(job: dict) -> str:
 
 def render_status(summary: dict) -> str:
     lines = []
-    beat = summary["heartbeat_age_seconds"]
-    running = beat is not None and beat < 10
-    lines.append(f"daemon: {'running' if running else 'not running'} (last heartbeat {_age(beat)} ago)")
+    if summary.get("fleet") is not None:
+        lines.extend(_fleet_lines(summary["fleet"]))
+    else:
+        beat = summary["heartbeat_age_seconds"]
+        running = beat is not None and beat < 10
+        lines.append(f"daemon: {'running' if running else 'not running'} (last heartbeat {_age(beat)} ago)")
     if summary["paused"]:
         lines.append(f"paused: {summary['paused']}")
     if summary.get("oldest_pending"):
@@ -138,6 +141,18 @@ def render_status(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _fleet_lines(fleet: list[dict]) -> list[str]:
+    """The fleet's daemons, one line each: whether each runs, its last heartbeat, the jobs it holds."""
+    alive = sum(node["alive"] for node in fleet)
+    lines = [f"fleet: {alive} daemon{'s' if alive != 1 else ''} running"]
+    for node in fleet:
+        state = "running" if node["alive"] else ("stopped" if node["left"] else "silent (lease lapsed)")
+        lines.append(f"  {node['node']} on {node['host']} (pid {node['pid']}): {state}, last heartbeat "
+                     f"{_age(node['heartbeat_age_seconds'])} ago, holding {node['holding']} "
+                     f"job{'s' if node['holding'] != 1 else ''}")
+    return lines
+
+
 class CommandError(Exception):
     """Ends a command with this message on stderr and this exit code."""
 
@@ -150,17 +165,18 @@ def _open_journal(config_path: str, *, read_only: bool):
     """The configuration and the journal a daemon with it keeps, for commands that run beside it."""
     from .journal import Journal, JournalError
     from .service import journal_path
+    from .storage import open_store
 
     try:
         config = load_config(config_path)
     except ConfigError as exc:
         raise CommandError(f"configuration error: {exc}", EXIT_CONFIG) from None
     path = journal_path(config)
-    if not path.exists():
+    if config.state.backend == "sqlite" and not path.exists():
         raise CommandError(f"no journal at {path}: the daemon has not run with this state_dir yet", EXIT_FAILURE)
     try:
-        return config, Journal(path, read_only=read_only)
-    except JournalError as exc:
+        return config, Journal(open_store(config, read_only=read_only))
+    except (JournalError, ConfigError) as exc:
         raise CommandError(str(exc), EXIT_FAILURE) from None
 
 
@@ -254,6 +270,20 @@ def cmd_pause(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_migrate_state(args: argparse.Namespace) -> int:
+    """Copy the SQLite journal into an empty PostgreSQL database, for a fleet of daemons to share."""
+    from .migrate import MigrationError, migrate_state
+
+    try:
+        migration = migrate_state(load_config(args.config), args.dsn)
+    except ConfigError as exc:
+        return _error(f"configuration error: {exc}", EXIT_CONFIG)
+    except MigrationError as exc:
+        return _error(f"migrate-state: {exc}", EXIT_FAILURE)
+    print(migration.summary())
+    return EXIT_OK
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     """One line per check, ok or the reason; non-zero if any failed. Nothing is submitted."""
     from .check import run_checks
@@ -320,6 +350,13 @@ def build_parser() -> argparse.ArgumentParser:
         person = commands.add_parser(name, help=words + "; works while the daemon runs")
         person.add_argument("--config", required=True)
         person.set_defaults(handler=cmd_pause)
+
+    migrate = commands.add_parser("migrate-state", help="copy this daemon's SQLite journal into an empty PostgreSQL "
+                                                         "database, for a fleet of daemons to share (stop it first)")
+    migrate.add_argument("--config", required=True)
+    migrate.add_argument("--to", required=True, choices=["postgresql"], help="the database to move to")
+    migrate.add_argument("--dsn", help="the PostgreSQL database to copy into (default: state.postgresql.dsn)")
+    migrate.set_defaults(handler=cmd_migrate_state)
 
     from . import emulator
 

@@ -165,6 +165,9 @@ _JOB_COLUMNS = [f.name for f in fields(Job)]
 JSON_COLUMNS = ("params", "output_settings")
 """Job columns stored as JSON text."""
 
+MOVED_TO_META = "moved_to"
+"""Set in an SQLite journal that `migrate-state` copied into PostgreSQL: no daemon may start on it again."""
+
 AHEAD_STATES = ("submitting", "submitted", "downloading", "delivering")
 """A job in one of these has been (or is being) paid for: an identical job waits for it."""
 NOT_LAUNCHED_STATES = ("pending", "publishing")

@@ -688,5 +688,7 @@ class Scheduler:
                             charge=Charge.POSSIBLY_CHARGED)
             else:
                 self.ctx.journal.update(current, **changes)
+        except StaleTransition:
+            pass  # moved meanwhile (in a fleet: taken over by another daemon): not this daemon's to retry
         except Exception as inner:  # noqa: BLE001 - e.g. the journal itself is unwritable; retried next pass
             log.error("journal.write_failed", error=f"{type(inner).__name__}: {inner}")

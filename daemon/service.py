@@ -24,7 +24,7 @@ from .api import ApiClient
 from .config import (Config, ConfigError, LoggingConfig, Secret, load_config, resolve_api_key, resolve_c2pa_key,
                      resolve_dashboard_token)
 from .hosting import HostingAdapter, HostingError, create_adapter
-from .journal import Journal, JournalError
+from .journal import MOVED_TO_META, Journal, JournalError
 from .storage import JOURNAL_NAME, open_store
 from .logging import register_secret
 from .metrics import Metrics
@@ -103,9 +103,9 @@ def reloaded_config(old: Config, new: Config) -> tuple[Config, list[str]]:
     at the next submit), `shutdown_timeout`, and `api.api_key_file` (the key). The rest is wired into
     parts that are running (folders and state_dir, the watcher, the host and its listening socket, the
     dashboard and its listener, the HTTP client's timeouts, the scheduler's slots and poll clock): it
-    keeps its old value until a restart.
+    keeps its old value until a restart, as does `state` (the journal's database).
     """
-    applied = dataclasses.replace(new, folders=old.folders, state_dir=old.state_dir, hosting=old.hosting,
+    applied = dataclasses.replace(new, folders=old.folders, state_dir=old.state_dir, state=old.state, hosting=old.hosting,
                                   watch=old.watch, dashboard=old.dashboard,
                                   api=dataclasses.replace(old.api, api_key_file=new.api.api_key_file))
     return applied, list(config_changes(applied, new))
@@ -178,6 +178,11 @@ class Service:
         self._take_lock()
         try:
             self.journal = Journal(open_store(config))
+            moved_to = self.journal.get_meta(MOVED_TO_META) if not self.journal.store.shared else None
+            if moved_to:
+                raise StartupError(f"the journal in {config.state_dir} was copied to the PostgreSQL journal at "
+                                   f"{moved_to} by migrate-state; set state.backend: postgresql (starting on the "
+                                   "old one would send its waiting files a second time)")
             self.journal.join(config.state.node_name, config.state.postgresql.lease_seconds)
         except (JournalError, ConfigError) as exc:
             raise StartupError(str(exc)) from None
