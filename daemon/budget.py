@@ -108,6 +108,15 @@ def allowance(budget: BudgetConfig, used: Used, launching: int, when: Periods) -
     return Allowance(max(0, min(limit - count - launching for limit, count, _name, _ends in limits)))
 
 
+def caps(budget: BudgetConfig, when: Periods) -> list[tuple[int, float, float]]:
+    """Each limit set, as (images, since, until): paid and launching submits in [since, until) may not
+    pass it. The journal checks them again in the transaction that claims jobs, so daemons of a fleet
+    claiming at the same moment cannot together pass a limit."""
+    return [(limit, start, end) for limit, start, end in
+            ((budget.daily_limit, when.day_start, when.day_end),
+             (budget.monthly_limit, when.month_start, when.month_end)) if limit is not None]
+
+
 def money(images: int, price: float | None, currency: str) -> float | None:
     """What `images` accepted submits cost, rounded to the currency's smallest unit; None without a price."""
     if price is None:

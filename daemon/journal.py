@@ -194,6 +194,10 @@ def _row_to_job(row: Any) -> Job:
 
 
 
+_PAID_BETWEEN = "SELECT sum(CASE kind WHEN 'refunded' THEN -1 ELSE 1 END) FROM charges WHERE at >= ? AND at < ?"
+"""Images paid for in [since, until): charges and possible charges, less refunds."""
+
+
 def _marks(values: Collection[Any]) -> str:
     return ", ".join("?" for _ in values)
 
@@ -457,12 +461,14 @@ class Journal:
         return _row_to_job(row)
 
     def claim(self, limit: int, *, in_flight_limit: int, due_by: float, exclude: Collection[int] = (),
-              detail: str = "slot taken") -> list[Job]:
+              spending_caps: Sequence[tuple[int, float, float]] = (), detail: str = "slot taken") -> list[Job]:
         """Take up to `limit` of the oldest PENDING jobs due by `due_by` into PUBLISHING, held by this
-        run, without ever letting the jobs in flight (every daemon's) exceed `in_flight_limit`.
+        run, without ever letting the jobs in flight (every daemon's) exceed `in_flight_limit`, nor the
+        paid and launching submits in any [since, until) of `spending_caps` exceed its count.
 
-        The count and the claim are one transaction under one lock, so daemons claiming at the same
-        moment never both take the last slot; rows another daemon is claiming are skipped, not waited for.
+        The counts and the claim are one transaction under one lock, so daemons claiming at the same
+        moment never both take the last slot (or the last image of a budget); rows another daemon is
+        claiming are skipped, not waited for.
         """
         if limit <= 0:
             return []
@@ -471,6 +477,14 @@ class Journal:
             in_flight = cur.execute(f"SELECT count(*) FROM jobs WHERE state IN ({_marks(IN_FLIGHT_STATES)})",
                                     [s.value for s in IN_FLIGHT_STATES]).fetchone()[0]
             room = min(limit, in_flight_limit - int(in_flight))
+            if spending_caps:
+                # Launching first, then the ledger: an accepted submit committed in between is counted
+                # twice (too careful by one for a moment), never missed.
+                launching = int(cur.execute("SELECT count(*) FROM jobs WHERE state IN ('publishing', 'submitting')"
+                                            ).fetchone()[0])
+                for cap, since, until in spending_caps:
+                    paid = cur.execute(_PAID_BETWEEN, (since, until)).fetchone()[0]
+                    room = min(room, cap - launching - max(0, int(paid or 0)))
             if room <= 0:
                 return []
             sql = "SELECT * FROM jobs INDEXED BY jobs_by_state WHERE state = 'pending' AND not_before <= ?"
@@ -549,8 +563,7 @@ class Journal:
         """Images paid for in [since, until) (wall time): charges and possible charges, less refunds,
         dated in it; one range of the `at` index. Never below 0 (a refund of a submit made before the
         ledger existed has no charge to cancel)."""
-        row = self._one("SELECT sum(CASE kind WHEN 'refunded' THEN -1 ELSE 1 END) FROM charges "
-                        "WHERE at >= ? AND at < ?", (since, until))
+        row = self._one(_PAID_BETWEEN, (since, until))
         return max(0, int(row[0] or 0))
 
     def last_charge_id(self) -> int:
@@ -584,7 +597,7 @@ class Journal:
         works only on what it holds; the queue is everyone's)."""
         if self.token is None or not any(s in HELD_STATES for s in states):
             return "", []
-        return " AND (state = 'pending' OR owner = ?)", [self.token]
+        return " AND (state IN ('pending', 'done', 'failed', 'vanished') OR owner = ?)", [self.token]
 
     def jobs_in(self, *states: JobState, limit: int | None = None, due_by: float | None = None,
                 exclude: Collection[int] = ()) -> list[Job]:

@@ -492,7 +492,8 @@ class Scheduler:
         launched = 0
         try:
             # The claim counts the slots again, every daemon's, in the transaction that takes them.
-            for job in journal.claim(allowed, in_flight_limit=self.gate.limit, due_by=now_wall, exclude=running):
+            for job in journal.claim(allowed, in_flight_limit=self.gate.limit, due_by=now_wall, exclude=running,
+                                     spending_caps=self.spending.caps(self.ctx.config.budget)):
                 self._dispatch(job, "launch", stages.launch)
                 launched += 1
         finally:
@@ -631,7 +632,10 @@ class Scheduler:
         if gate_opens is not None:
             deadlines.append(gate_opens)
         wall = self.ctx.wall()
-        backoff_ends = self.ctx.journal.next_due(BACKING_OFF_STATES, wall)
+        try:
+            backoff_ends = self.ctx.journal.next_due(BACKING_OFF_STATES, wall)
+        except StorageUnavailable:  # outside the pass's try: the next pass says so, once; MAX_SLEEP bounds the nap
+            backoff_ends = None
         if backoff_ends is not None:
             deadlines.append(now + (backoff_ends - wall))
         if self.spending.resumes_at is not None:  # a new day or month lifts the limit: wake right then

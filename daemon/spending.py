@@ -60,6 +60,10 @@ class SpendingLimit:
             self.on_change()
         return decision.may_start
 
+    def caps(self, config: BudgetConfig) -> list[tuple[int, float, float]]:
+        """The limits in force now, for the journal's claim to check under its lock (see budget.caps)."""
+        return budget.caps(config, budget.periods(self.wall(), config.timezone))
+
     def _ledger_used(self, when: budget.Periods) -> budget.Used:
         mark = (self.journal.last_charge_id(), when)
         if self._ledger_read is None or self._ledger_read[0] != mark:

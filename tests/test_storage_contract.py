@@ -285,3 +285,38 @@ def test_status_reads_the_same_on_both(open_journal):
         assert [(n["node"], n["alive"], n["holding"]) for n in summary["fleet"]] == [("north", True, 1)]
     else:
         assert summary["fleet"] is None
+
+
+def test_claims_never_pass_a_spending_limit_together(open_journal):
+    daemons = [open_journal() for _ in range(3)]
+    for i, journal in enumerate(daemons):
+        journal.join(f"station-{i}")
+    now = time.time()
+    daemons[0].add_jobs([(f"s{i}.jpg", 1, 1) for i in range(20)], PARAMS)
+    daemons[0].record_charge(999, "earlier", now - 10, Charge.CHARGED)  # one image of today's five paid already
+    caps = [(5, now - 3600, now + 3600), (100, now - 86400, now + 86400)]
+    claimed: list[list] = []
+    barrier = threading.Barrier(3)
+
+    def claim(journal):
+        barrier.wait()
+        for _ in range(4):
+            claimed.append(journal.claim(3, in_flight_limit=10, due_by=now, spending_caps=caps))
+
+    threads = [threading.Thread(target=claim, args=(j,)) for j in daemons]
+    [t.start() for t in threads]
+    [t.join(30) for t in threads]
+    assert sum(len(batch) for batch in claimed) == 4, "1 paid + 4 launching = the day's 5"
+
+
+def test_a_daemon_sees_the_queue_and_history_but_only_its_own_held_jobs(open_journal):
+    mine, theirs = open_journal(), open_journal()
+    mine.join("north")
+    theirs.join("south")
+    queued, held_here, held_there, finished = mine.add_jobs([(f"s{i}.jpg", 1, 1) for i in range(4)], PARAMS)
+    held_here = mine.transition(held_here, JobState.PUBLISHING)
+    theirs.transition(held_there, JobState.PUBLISHING)
+    mine.transition(mine.transition(finished, JobState.FAILING), JobState.FAILED)
+    assert [j.id for j in mine.jobs_in(*JobState)] == [queued.id, held_here.id, finished.id]
+    assert mine.ids_in(JobState.PUBLISHING) == [held_here.id]
+    assert mine.count_in(JobState.PUBLISHING) == 2, "slots are counted fleet-wide"
