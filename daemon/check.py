@@ -133,6 +133,8 @@ def run_checks(config_path: str | Path) -> tuple[list[CheckResult], bool]:
         results.append(CheckResult("folders", True, "outbox, archive, failed and state_dir are writable"))
     except StartupError as exc:
         results.append(CheckResult("folders", False, str(exc)))
+    if config.state.backend == "postgresql":
+        results.append(journal_check(config))
     try:
         key = resolve_api_key(config)
     except ConfigError as exc:
@@ -148,6 +150,24 @@ def run_checks(config_path: str | Path) -> tuple[list[CheckResult], bool]:
         results.append(signing)
     results.extend(hosting_round_trip(config, (config.api.connect_timeout, config.api.read_timeout)))
     return results, False
+
+
+def journal_check(config: Config) -> CheckResult:
+    """The fleet's PostgreSQL journal answers (and has, or can be given, the current schema)."""
+    from .journal import Journal, JournalError
+    from .storage import open_store
+
+    try:
+        journal = Journal(open_store(config))
+    except (JournalError, ConfigError) as exc:
+        return CheckResult("journal", False, str(exc))
+    try:
+        running = sum(1 for node in journal.nodes() if node.left_at is None
+                      and node.lease_until > journal.database_time())
+        return CheckResult("journal", True, f"PostgreSQL at {journal.store} answers; {running} daemon"
+                                            f"{'s' if running != 1 else ''} of the fleet running")
+    finally:
+        journal.close()
 
 
 def judge_signing(config: Config) -> CheckResult | None:

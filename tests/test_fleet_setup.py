@@ -1,0 +1,66 @@
+"""Setting up a fleet: the `state` section, `check` on the database, and `status` listing the daemons."""
+
+from __future__ import annotations
+
+import pytest
+
+from daemon.cli import render_status
+from daemon.config import ConfigError, Secret, config_from_mapping
+from daemon.journal import Journal
+from daemon.reports import status_report
+from daemon.service import Service, StartupError
+from daemon.storage.postgresql import PostgresConnector
+
+from .conftest import config_mapping, free_port, write_config
+from .test_check import check, lines
+
+
+def state_config(folders, emulator, **state):
+    return config_from_mapping(config_mapping(folders, emulator, state=state), folders["inbox"].parent)
+
+
+@pytest.mark.parametrize(("state", "message"), [
+    ({"backend": "postgresql"}, "state.postgresql.dsn: state.backend is postgresql, so a connection string"),
+    ({"backend": "postgresql", "postgresql": {"dsn": "host=db user=cf password=hunter22"}}, "holds a password"),
+    ({"backend": "postgresql", "postgresql": {"dsn": "postgresql://cf:hunter22@db/cf"}}, "holds a password"),
+    ({"backend": "postgresql", "postgresql": {"dsn": "host=db", "lease_seconds": 1}}, "state.postgresql.lease_seconds"),
+    ({"backend": "mysql"}, "state.backend"),
+    ({"node_name": "station one; rm -rf"}, "state.node_name"),
+])
+def test_the_state_section_names_what_is_wrong(folders, emulator, state, message):
+    with pytest.raises(ConfigError, match=message) as raised:
+        state_config(folders, emulator, **state)
+    assert "hunter22" not in str(raised.value)
+
+
+def test_check_says_whether_the_fleets_database_answers(tmp_path, folders, emulator, postgres_dsn):
+    good = write_config(tmp_path / "good.yaml", config_mapping(
+        folders, emulator, state={"backend": "postgresql", "postgresql": {"dsn": postgres_dsn}}))
+    result = check(good)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert lines(result)["journal"] == "ok" and "0 daemons of the fleet running" in result.stdout
+    nowhere = f"host=127.0.0.1 port={free_port()} dbname=codeformer user=codeformer connect_timeout=2"
+    bad = write_config(tmp_path / "bad.yaml", config_mapping(
+        folders, emulator, state={"backend": "postgresql", "postgresql": {"dsn": nowhere}}))
+    result = check(bad)
+    assert result.returncode == 1
+    assert lines(result)["journal"] == "FAIL" and "cannot reach the PostgreSQL journal" in result.stdout
+
+
+def test_a_daemon_that_cannot_reach_its_database_at_start_says_so(folders, emulator):
+    nowhere = f"host=127.0.0.1 port={free_port()} dbname=codeformer connect_timeout=2"
+    config = state_config(folders, emulator, backend="postgresql", postgresql={"dsn": nowhere})
+    with pytest.raises(StartupError, match="cannot reach the PostgreSQL journal at host=127.0.0.1"):
+        Service(config, Secret("unused-key-1234")).start()
+
+
+def test_status_lists_the_fleet(postgres_dsn):
+    running, stopped, reader = (Journal(PostgresConnector(postgres_dsn)) for _ in range(3))
+    running.join("north", lease_seconds=30)
+    stopped.join("south", lease_seconds=30)
+    running.transition(running.add_job("scan.jpg", 1, 1, {}), running.get(1).state.PUBLISHING)
+    stopped.leave()
+    text = render_status(status_report(reader, 0.0))
+    assert text.splitlines()[0] == "fleet: 1 daemon running"
+    assert "  north on " in text and ": running, last heartbeat " in text and "holding 1 job" in text
+    assert "  south on " in text and ": stopped, " in text and "holding 0 jobs" in text
