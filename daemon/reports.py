@@ -31,7 +31,8 @@ def journal_summary(journal: Journal, now: float, recent_failures: int = 10) -> 
         "remote_status": j.remote_status,
         "age_seconds": round(now - (j.submitted_at or j.created_at), 1),
         "profile": j.profile, "params": j.params,
-    } for j in journal.jobs_in(*watching)]
+    } for j in journal.read_jobs(f"SELECT * FROM jobs WHERE state IN ({', '.join('?' for _ in watching)}) "
+                                 "ORDER BY id", [s.value for s in watching])]  # every daemon's
     failures = [{
         "job_id": j.id, "file": j.rel_path, "reason": j.last_error, "stage": j.error_kind,
         "request_id": j.request_id, "moved_to": j.final_path, "at": j.finished_at,
