@@ -476,7 +476,7 @@ class Journal:
             self.store.lock(cur, "codeformer-daemon slots")
             in_flight = cur.execute(f"SELECT count(*) FROM jobs WHERE state IN ({_marks(IN_FLIGHT_STATES)})",
                                     [s.value for s in IN_FLIGHT_STATES]).fetchone()[0]
-            room = min(limit, in_flight_limit - int(in_flight))
+            room = limit  # BROKEN
             if spending_caps:
                 # Launching first, then the ledger: an accepted submit committed in between is counted
                 # twice (too careful by one for a moment), never missed.
@@ -582,9 +582,12 @@ class Journal:
     def retry_requests(self) -> list[int]:
         return [int(r[0]) for r in self.read("SELECT job_id FROM retry_requests ORDER BY job_id")]
 
-    def forget_retry_request(self, job_id: int) -> None:
+    def take_retry_request(self, job_id: int) -> bool:
+        """Remove one request; True for the one caller that removed it (of a fleet's daemons, the one
+        that carries it out)."""
         with self.transaction() as cur:
             cur.execute("DELETE FROM retry_requests WHERE job_id = ?", (job_id,))
+            return cur.rowcount == 1
 
     # ------------------------------------------------------------------ reading jobs
 

@@ -118,6 +118,8 @@ def take_requests(journal: Journal, inbox: Path) -> int:
     """Carry out the retries `codeformer-daemon retry` asked the running daemon for; returns how many."""
     done = 0
     for job_id in journal.retry_requests():
+        if not journal.take_retry_request(job_id):
+            continue  # another daemon of the fleet took it first
         job = journal.get(job_id)
         try:
             if job is None:
@@ -126,5 +128,4 @@ def take_requests(journal: Journal, inbox: Path) -> int:
             done += 1
         except (RetryError, OSError) as exc:  # e.g. the inbox is gone: the request is dropped, not retried forever
             log.warning("job.retry_refused", job_id=job_id, reason=str(exc))
-        journal.forget_retry_request(job_id)
     return done

@@ -113,7 +113,8 @@ def test_meta_counters_and_retry_requests(open_journal):
     journal.request_retry([3, 1])
     journal.request_retry([1])
     assert journal.retry_requests() == [1, 3]
-    journal.forget_retry_request(1)
+    assert journal.take_retry_request(1) is True
+    assert open_journal().take_retry_request(1) is False, "of several daemons, one takes a request"
     assert journal.retry_requests() == [3]
 
 
