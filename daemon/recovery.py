@@ -41,16 +41,17 @@ def recover(ctx: Context, progress: Callable[[], None] = lambda: None) -> None:
     # One daemon on its own journal: whatever is held was held by its own previous run.
     for job in journal.take_over(everything=not journal.store.shared):
         carry_on(ctx, job, progress)
-    swept = 0
-    if _alone(journal):  # another live daemon's publications are not orphans
-        keep = journal.hosted_keys()
+    swept = removed = 0
+    # Another live daemon's publications are not orphans, nor are its half-written files in the
+    # shared folders: only a daemon alone (always, on SQLite) sweeps them.
+    if _alone(journal):
         try:
-            swept = ctx.host.sweep(keep)
+            swept = ctx.host.sweep(journal.hosted_keys())
         except Exception as exc:  # noqa: BLE001 - orphans wait for the next start (and the lifecycle rule)
             log.warning("hosting.sweep_failed", error=f"{type(exc).__name__}: {exc}")
-    progress()
-    removed = sum(remove_temporaries(p, progress) for p in (ctx.folders.outbox, ctx.folders.archive,
-                                                             ctx.folders.failed))
+        progress()
+        removed = sum(remove_temporaries(p, progress) for p in (ctx.folders.outbox, ctx.folders.archive,
+                                                                 ctx.folders.failed))
     unpinned = _sweep_staging(ctx)
     if swept or removed or unpinned:
         log.info("recover.cleaned", orphans_unpublished=swept, temporary_files_removed=removed,
