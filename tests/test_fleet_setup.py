@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from daemon.cli import render_status
@@ -64,3 +66,18 @@ def test_status_lists_the_fleet(postgres_dsn):
     assert text.splitlines()[0] == "fleet: 1 daemon running"
     assert "  north on " in text and ": running, last heartbeat " in text and "holding 1 job" in text
     assert "  south on " in text and ": stopped, " in text and "holding 0 jobs" in text
+
+
+def test_the_dashboard_shows_the_fleet(folders, emulator, make_config, run_daemon, postgres_dsn):
+    import requests
+
+    daemon = run_daemon(make_config(dashboard={"listen": "127.0.0.1:0"},
+                                    state={"backend": "postgresql", "node_name": "north",
+                                           "postgresql": {"dsn": postgres_dsn}}))
+    other = Journal(PostgresConnector(postgres_dsn))
+    other.join("south", lease_seconds=30)
+    other.leave()
+    page = requests.get(daemon.service.dashboard.url + "/live", timeout=10).text
+    assert "Fleet: 1 of 2 daemons running" in page
+    rows = re.findall(r"<tr><td>(\w+)</td><td>[^<]*</td>\s*<td>(\w+)</td>", page)
+    assert sorted(rows) == [("north", "running"), ("south", "stopped")]

@@ -63,7 +63,8 @@ def overview(journal: Journal, now: float) -> dict[str, Any]:
     counts = report["counts"]
     return {
         "report": report,
-        "running": beat is not None and beat < 10,
+        "running": any(n["alive"] for n in report["fleet"]) if report["fleet"] is not None
+        else beat is not None and beat < 10,
         "counts": [(state, counts.get(state, 0)) for state in reports.state_names()],
         "in_flight": report["in_flight"],
         "bars": chart(reports.restored_per_hour(journal, now), now),
