@@ -476,7 +476,7 @@ class Journal:
             self.store.lock(cur, "codeformer-daemon slots")
             in_flight = cur.execute(f"SELECT count(*) FROM jobs WHERE state IN ({_marks(IN_FLIGHT_STATES)})",
                                     [s.value for s in IN_FLIGHT_STATES]).fetchone()[0]
-            room = limit  # BROKEN
+            room = min(limit, in_flight_limit - int(in_flight))
             if spending_caps:
                 # Launching first, then the ledger: an accepted submit committed in between is counted
                 # twice (too careful by one for a moment), never missed.

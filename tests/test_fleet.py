@@ -5,21 +5,25 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
+import time
+from datetime import datetime
 from pathlib import Path
 
-from daemon.journal import Journal, JobState
+from daemon.journal import IN_FLIGHT_STATES, Journal, JobState
 from daemon.storage.postgresql import PostgresConnector
 
-from .conftest import API_KEY, DaemonProcess, config_mapping, drop_scan, wait_for, write_config
+from .conftest import API_KEY, DaemonProcess, config_mapping, drop_scan, visible_files, wait_for, write_config
 
 
 def fleet_config(tmp_path: Path, folders: dict[str, Path], emulator, dsn: str, node: str, **overrides) -> Path:
     """A station's configuration: the shared folders and database, a state folder of its own."""
     state = tmp_path / f"state-{node}"
+    lease_seconds = overrides.pop("lease_seconds", 3)  # a state.postgresql setting, not a section
     mapping = config_mapping(folders, emulator, **overrides)
     mapping["state_dir"] = str(state)
     mapping["state"] = {"backend": "postgresql", "node_name": node,
-                        "postgresql": {"dsn": dsn, "lease_seconds": overrides.pop("lease_seconds", 3)}}
+                        "postgresql": {"dsn": dsn, "lease_seconds": lease_seconds}}
     return write_config(tmp_path / f"{node}.yaml", mapping)
 
 
@@ -49,4 +53,297 @@ def test_two_stations_share_one_queue(tmp_path, folders, emulator, postgres_dsn)
         assert sorted(n["node"] for n in fleet if n["alive"]) == ["north", "south"]
     finally:
         for station in stations:
+            station.kill()
+
+
+# --------------------------------------------------------------------------- the fleet's promises, one by one
+
+
+def read_journal(dsn: str) -> Journal:
+    return Journal(PostgresConnector(dsn, read_only=True))
+
+
+def named(events: list[dict], name: str) -> list[dict]:
+    return [e for e in events if e.get("event") == name]
+
+
+def logged_at(event: dict) -> float:
+    """Wall time of a log line (its ISO timestamp, UTC)."""
+    return datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
+
+
+def run_token(journal: Journal, node: str) -> str | None:
+    """The token of the newest run of daemon `node`."""
+    return next((n.token for n in journal.nodes() if n.name == node), None)
+
+
+def output_for(folders: dict[str, Path], name: str) -> Path:
+    return (folders["outbox"] / name).with_suffix(".png")
+
+
+def held_jobs(journal: Journal, state: JobState, token: str | None) -> list[int]:
+    return [int(r[0]) for r in journal.read("SELECT id FROM jobs WHERE state = ? AND owner = ? ORDER BY id",
+                                             (state.value, token))]
+
+
+def insert_attempts(journal: Journal) -> int:
+    """Values the jobs' id sequence has handed out: PostgreSQL draws one for every INSERT tried, also one
+    that ON CONFLICT DO NOTHING then drops, so two stations recording the same file draw two."""
+    row = journal.read("SELECT last_value, is_called FROM jobs_id_seq")[0]
+    return int(row[0]) if row[1] else 0
+
+
+def test_one_new_file_seen_by_two_stations_is_one_job_and_one_submit(tmp_path, folders, emulator, postgres_dsn):
+    """Both stations watch the inbox and both see each new file settle at the same moment: the
+    journal's unique index lets one record it, and only that one job is ever sent."""
+    stations = [start_station(tmp_path, fleet_config(tmp_path, folders, emulator, postgres_dsn, n), n)
+                for n in ("north", "south")]
+    journal = read_journal(postgres_dsn)
+    try:
+        for station in stations:
+            station.wait_ready()
+        wait_for(lambda: len([n for n in journal.nodes() if n.left_at is None]) == 2, 10, what="both stations joined")
+        names = [f"race-{i}.jpg" for i in range(3)]
+        raced = 0
+        for i, name in enumerate(names):  # one file at a time: each is its own race between two idle stations
+            tried_before = insert_attempts(journal)
+            drop_scan(folders, name, seed=100 + i)
+            wait_for(lambda: output_for(folders, name).exists(), 30, what=f"{name} restored")
+            wait_for(lambda: [r["state"] for r in journal.read("SELECT state FROM jobs WHERE rel_path = ?", (name,))]
+                     == ["done"], 10, what=f"{name}: one job, done")
+            # Let both stations look again (settle, a loop pass) before counting who tried to record it.
+            time.sleep(1.0)
+            assert len(journal.read("SELECT id FROM jobs WHERE rel_path = ?", (name,))) == 1
+            raced += insert_attempts(journal) - tried_before >= 2
+        assert raced >= 1, "the two stations never tried to record the same file at once: no race was run"
+        assert sorted(emulator.submits_by_content().values()) == [1, 1, 1]
+        assert emulator.stats()["submits_received"] == 3
+        assert visible_files(folders["outbox"]) == sorted(output_for(folders, n) for n in names)
+        assert journal.counts_by_state() == {"done": 3}
+    finally:
+        journal.close()
+        for station in stations:
+            station.kill()
+
+
+def test_a_killed_stations_jobs_are_finished_by_another_without_a_second_submit(tmp_path, folders, emulator,
+                                                                                postgres_dsn):
+    """East is SIGKILLed while its jobs are at the provider: West takes them over once East's lease
+    lapses and delivers them by polling (never submitting again); East, started again as a new run
+    while West holds them, leaves them alone."""
+    emulator.latency = 14.0  # long enough that the jobs are still at the provider when East comes back
+    east_config = fleet_config(tmp_path, folders, emulator, postgres_dsn, "east")
+    west_config = fleet_config(tmp_path, folders, emulator, postgres_dsn, "west")
+    east = start_station(tmp_path, east_config, "east")
+    stations = [east]
+    journal = read_journal(postgres_dsn)
+    try:
+        east.wait_ready()
+        names = [f"held-{i}.jpg" for i in range(3)]
+        for i, name in enumerate(names):
+            drop_scan(folders, name, seed=200 + i)
+        east_token = wait_for(lambda: run_token(journal, "east"), 10, what="east's run in the journal")
+        ids = wait_for(lambda: (found := held_jobs(journal, JobState.SUBMITTED, east_token)) and len(found) == 3
+                       and found, 30, what="three jobs at the provider, held by east")
+        # The provider has fetched every scan, so east's built-in host may go with it.
+        wait_for(lambda: len(emulator.submits_by_content()) == 3, 10, what="the provider fetched every scan")
+
+        west = start_station(tmp_path, west_config, "west")
+        stations.append(west)
+        west.wait_ready()
+        assert held_jobs(journal, JobState.SUBMITTED, east_token) == ids  # east's lease is live: west took nothing
+        east.kill()
+        took = wait_for(lambda: named(west.events(), "fleet.took_over"), 20, what="west takes east's jobs over")
+        assert sorted(took[0]["job_ids"]) == ids
+        assert took[0]["states"] == ["submitted"]
+        east_lease_until = next(n.lease_until for n in journal.nodes() if n.token == east_token)
+        assert logged_at(took[0]) >= east_lease_until - 0.05, "taken over before east's lease lapsed"
+        west_token = run_token(journal, "west")
+        assert held_jobs(journal, JobState.SUBMITTED, west_token) == ids, \
+            "the jobs left the provider before east came back: the test would show nothing (raise the latency)"
+
+        east_again = DaemonProcess(east_config, tmp_path / "east-again.log").start()
+        stations.append(east_again)
+        east_again.wait_ready()
+        wait_for(lambda: all(output_for(folders, n).exists() for n in names), 30, what="every scan restored")
+        wait_for(lambda: journal.counts_by_state() == {"done": 3}, 10, what="every job done")
+        # East's new run has had its takeover checks (every 2 s) since, with the jobs still at the provider.
+        again_token = run_token(journal, "east")
+        assert again_token != east_token
+        wait_for(lambda: next(n.heartbeat_at - n.started_at for n in journal.nodes() if n.token == again_token) >= 4.5,
+                 15, what="east's new run renewed its lease for a while")
+
+        assert sorted(emulator.submits_by_content().values()) == [1, 1, 1]
+        assert emulator.stats()["submits_received"] == 3
+        west_events = west.events()
+        for event in ("job.completed", "job.delivered", "job.done"):
+            assert sorted(e["job_id"] for e in named(west_events, event)) == ids, event
+        again_events = east_again.events()
+        assert not [e for e in again_events if e.get("job_id") in ids], "east's new run touched jobs west holds"
+        assert not named(again_events, "fleet.took_over")
+        assert not [h for i in ids for h in journal.history(i) if h["to_state"] == "failing"]
+    finally:
+        journal.close()
+        for station in stations:
+            station.kill()
+
+
+def in_flight_at_once(jobs: list[dict]) -> int:
+    """The most of these provider jobs that were accepted and unfinished at one moment."""
+    marks = sorted([(j["submitted_at"], 1) for j in jobs] + [(j["finished_at"], -1) for j in jobs],
+                   key=lambda m: (m[0], m[1]))  # a job finishing at the instant another starts is not overlap
+    peak = current = 0
+    for _, step in marks:
+        current += step
+        peak = max(peak, current)
+    return peak
+
+
+def test_the_fleet_never_has_more_than_max_in_flight_at_the_provider(tmp_path, folders, emulator, postgres_dsn):
+    """api.max_in_flight is the fleet's limit (it is the API key's), not each station's: three stations,
+    twelve files, never more than two jobs at the provider."""
+    emulator.latency = 0.4
+    emulator.max_concurrent = 2  # a third job at once would wait QUEUED at the provider
+    stations = [start_station(tmp_path, fleet_config(tmp_path, folders, emulator, postgres_dsn, n,
+                                                     api={"max_in_flight": 2}), n)
+                for n in ("one", "two", "three")]
+    journal = read_journal(postgres_dsn)
+    peak_in_journal = 0
+    sampling = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak_in_journal
+        watcher = read_journal(postgres_dsn)
+        try:
+            while not sampling.wait(0.02):
+                in_flight = watcher.count_in(*IN_FLIGHT_STATES)
+                peak_in_journal = max(peak_in_journal, in_flight)
+        finally:
+            watcher.close()
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    try:
+        for station in stations:
+            station.wait_ready()
+        sampler.start()
+        names = [f"burst/scan-{i:02d}.jpg" for i in range(12)]
+        for i, name in enumerate(names):
+            drop_scan(folders, name, seed=300 + i)
+        wait_for(lambda: all(output_for(folders, n).exists() for n in names), 90, what="every scan restored")
+        wait_for(lambda: journal.counts_by_state() == {"done": 12}, 10, what="every job done")
+        sampling.set()
+        sampler.join(5)
+
+        stats = emulator.stats()
+        assert stats["rejected"] == {}
+        assert sorted(emulator.submits_by_content().values()) == [1] * 12
+        assert in_flight_at_once(stats["jobs"]) <= 2
+        assert all(j["started_at"] - j["submitted_at"] < 0.05 for j in stats["jobs"]), "a job waited for a slot"
+        assert 1 <= peak_in_journal <= 2
+        submitting = [s for s in stations if named(s.events(), "job.submitted")]
+        assert len(submitting) >= 2, "one station did all the work: the limit was not shared"
+    finally:
+        sampling.set()
+        journal.close()
+        for station in stations:
+            station.kill()
+
+
+def test_an_empty_wallet_heard_by_one_station_pauses_every_station(tmp_path, folders, emulator, postgres_dsn):
+    """A 402 is the API key's wallet, so one station's refusal pauses all: the other hears it from
+    the journal within a couple of seconds, without a 402 of its own; a top-up resumes both."""
+    emulator.balance = 0
+    stations = [start_station(tmp_path, fleet_config(tmp_path, folders, emulator, postgres_dsn, n), n)
+                for n in ("left", "right")]
+    try:
+        for station in stations:
+            station.wait_ready()
+        drop_scan(folders, "wallet/first.jpg", seed=400)
+        pauses = wait_for(lambda: (found := [named(s.events(), "submits.paused") for s in stations]) and all(found)
+                          and found, 10, what="every station paused")
+        assert all(len(p) == 1 for p in pauses)
+        heard_from_fleet = [p[0]["detail"] == "another daemon of the fleet" for p in pauses]
+        assert sorted(heard_from_fleet) == [False, True], [p[0]["detail"] for p in pauses]
+        assert all(p[0]["reason"] == "insufficient balance" for p in pauses)
+        refused, follower = (pauses[0][0], pauses[1][0]) if heard_from_fleet[1] else (pauses[1][0], pauses[0][0])
+        assert logged_at(follower) - logged_at(refused) < 3.0  # an idle loop naps up to 2 s between passes
+        assert emulator.stats()["rejected"] == {"402": 1}
+
+        # More files while paused: they wait in the inbox, nobody tries them.
+        later = [f"wallet/later-{i}.jpg" for i in range(4)]
+        for i, name in enumerate(later):
+            drop_scan(folders, name, seed=410 + i)
+        journal = read_journal(postgres_dsn)
+        try:
+            wait_for(lambda: journal.counts_by_state().get("pending") == 5, 10, what="five files waiting")
+            time.sleep(1.5)
+            assert journal.counts_by_state() == {"pending": 5}
+        finally:
+            journal.close()
+        assert emulator.stats()["submits_accepted"] == 0
+
+        emulator.balance = 100  # topped up: the refused station's probe goes through and every station resumes
+        names = ["wallet/first.jpg", *later]
+        wait_for(lambda: all(output_for(folders, n).exists() for n in names), 40, what="every scan restored")
+        wait_for(lambda: all(named(s.events(), "submits.resumed") for s in stations), 10, what="every station resumed")
+        assert sorted(emulator.submits_by_content().values()) == [1] * 5
+        assert emulator.stats()["rejected"].get("402", 0) <= 2  # the first refusal, perhaps one probe
+    finally:
+        for station in stations:
+            station.kill()
+
+
+def test_a_station_rides_out_its_database_going_away(tmp_path, folders, emulator):
+    """The journal's server stops while jobs are at the provider and new files arrive: the station keeps
+    running, says so once, loses no file, and when the server is back says so and finishes them all.
+
+    A server of its own: the session's shared one must not go away under other tests."""
+    from .postgres_server import PostgresServer
+
+    emulator.latency = 2.0
+    with PostgresServer() as server:
+        dsn = server.create_database()
+        station = start_station(tmp_path, fleet_config(tmp_path, folders, emulator, dsn, "solo"), "solo")
+        try:
+            station.wait_ready()
+            first = [f"outage/before-{i}.jpg" for i in range(3)]
+            for i, name in enumerate(first):
+                drop_scan(folders, name, seed=500 + i)
+            journal = read_journal(dsn)
+            try:
+                wait_for(lambda: journal.count_in(JobState.SUBMITTED) == 3, 20, what="three jobs at the provider")
+            finally:
+                journal.close()
+
+            server.stop()
+            try:
+                wait_for(lambda: named(station.events(), "journal.unavailable"), 10, what="journal.unavailable")
+                during = [f"outage/during-{i}.jpg" for i in range(3)]
+                for i, name in enumerate(during):
+                    drop_scan(folders, name, seed=510 + i)
+                time.sleep(7.0)  # longer than the lease, the settle time, the jobs' time at the provider
+                assert station.proc.poll() is None, "the station stopped with its database"
+                for name in first + during:  # nothing moved without the journal's word: every scan still there
+                    assert (folders["inbox"] / name).exists(), name
+            finally:
+                server.start()
+            wait_for(lambda: named(station.events(), "journal.available"), 15, what="journal.available")
+            names = first + during
+            wait_for(lambda: all(output_for(folders, n).exists() or (folders["failed"] / f"{n}.error.json").exists()
+                                 for n in names), 60, what="every scan restored or failed")
+            journal = read_journal(dsn)
+            try:
+                wait_for(lambda: sum(journal.counts_by_state().get(s, 0) for s in ("done", "failed")) == 6, 10,
+                         what="every job finished")
+            finally:
+                journal.close()
+            for name in names:
+                finished = [output_for(folders, name).exists(), (folders["failed"] / f"{name}.error.json").exists()]
+                assert sorted(finished) == [False, True], name
+            assert sorted(emulator.submits_by_content().values()) == [1] * 6
+            events = station.events()
+            assert len(named(events, "journal.unavailable")) == 1
+            assert len(named(events, "journal.available")) == 1
+            assert named(events, "journal.available")[0]["down_for"] >= 7.0
+        finally:
             station.kill()
