@@ -488,6 +488,8 @@ class Scheduler:
         # Readiness is decided in SQL: the oldest jobs backing off must not hide newer ones that are ready.
         now_wall, running = self.ctx.wall(), list(self._running)
         ready = journal.next_pending(limit=free, due_by=now_wall, exclude=running)
+        if ready and self.fleet is not None:  # another station's 402 of a moment ago holds this one too
+            self._announce(self.fleet.follow(self.clock(), now_wall), "another daemon of the fleet")
         allowed = self.gate.allowed(self.clock(), min(free, len(ready))) if ready else 0
         launched = 0
         try:
