@@ -241,7 +241,7 @@ def test_no_pass_reads_the_whole_backlog(folders, emulator, make_config, run_dae
     journal._db.set_trace_callback(None)
     queries = {s for s in statements if s.lstrip().upper().startswith("SELECT") and "jobs" in s}
     assert queries, "the passes asked nothing of the journal"
-    with journal._lock:
+    with journal.store._lock:
         plans = {q: " / ".join(r[3] for r in journal._db.execute("EXPLAIN QUERY PLAN " + q)) for q in queries}
     full_reads = {q: plan for q, plan in plans.items() if "SCAN jobs" in plan or "TEMP B-TREE" in plan}
     assert full_reads == {}, "\n".join(f"{q}\n    -> {p}" for q, p in full_reads.items())
