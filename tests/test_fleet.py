@@ -347,3 +347,34 @@ def test_a_station_rides_out_its_database_going_away(tmp_path, folders, emulator
             assert named(events, "journal.available")[0]["down_for"] >= 7.0
         finally:
             station.kill()
+
+
+def test_a_built_in_host_job_its_station_took_down_goes_back_to_wait(tmp_path, folders, emulator, postgres_dsn):
+    """East publishes through its own built-in host, submits, and dies before the provider comes for the
+    scan. West takes the job over; the provider reports it could not fetch the scan, and since the copy
+    it was to fetch died with east, the job goes back to wait and west sends it again (its own host
+    serving it) rather than failing it. Fleets should publish through S3, WebDAV or a command."""
+    emulator.fetch_delay = 6.0  # the provider comes for the scan only after east is gone
+    east = start_station(tmp_path, fleet_config(tmp_path, folders, emulator, postgres_dsn, "east"), "east")
+    stations = [east]
+    journal = read_journal(postgres_dsn)
+    try:
+        east.wait_ready()
+        drop_scan(folders, "fragile.jpg", seed=300)
+        east_token = wait_for(lambda: run_token(journal, "east"), 10, what="east's run in the journal")
+        [job_id] = wait_for(lambda: held_jobs(journal, JobState.SUBMITTED, east_token), 20,
+                            what="the job at the provider, held by east")
+        west = start_station(tmp_path, fleet_config(tmp_path, folders, emulator, postgres_dsn, "west"), "west")
+        stations.append(west)
+        west.wait_ready()
+        east.kill()
+        wait_for(lambda: output_for(folders, "fragile.jpg").exists(), 60, what="restored by west")
+        assert not list(folders["failed"].rglob("*.error.json"))
+        waits = [h for h in journal.history(job_id) if h["from_state"] == "submitted" and h["to_state"] == "pending"]
+        assert len(waits) == 1 and "could not fetch" in waits[0]["detail"]
+        assert emulator.stats()["submits_received"] == 2, "sent again, once, after the first could not be fetched"
+        assert named(west.events(), "fleet.took_over")[0]["job_ids"] == [job_id]
+    finally:
+        journal.close()
+        for station in stations:
+            station.kill()
