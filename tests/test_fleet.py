@@ -378,3 +378,31 @@ def test_a_built_in_host_job_its_station_took_down_goes_back_to_wait(tmp_path, f
         journal.close()
         for station in stations:
             station.kill()
+
+
+def test_a_station_starting_beside_a_live_one_leaves_the_shared_folders_alone(tmp_path, folders, emulator,
+                                                                                postgres_dsn):
+    """A half-written output in the shared outbox may be a live station's delivery in progress: a
+    station starting beside it must not clean it away. A station starting alone does."""
+    north_config = fleet_config(tmp_path, folders, emulator, postgres_dsn, "north")
+    south_config = fleet_config(tmp_path, folders, emulator, postgres_dsn, "south")
+    folders["outbox"].mkdir(parents=True)
+    in_progress = folders["outbox"] / ".codeformer-0123456789abcdef.tmp"
+    north = start_station(tmp_path, north_config, "north")
+    stations = [north]
+    try:
+        north.wait_ready()
+        in_progress.write_bytes(b"half of a delivery")
+        south = start_station(tmp_path, south_config, "south")
+        stations.append(south)
+        south.wait_ready()
+        assert in_progress.exists(), "south removed what may be north's delivery in progress"
+        assert north.terminate() == 0 and south.terminate() == 0  # clean stops: both leases end now
+        alone = DaemonProcess(south_config, tmp_path / "south-alone.log").start()
+        stations.append(alone)
+        alone.wait_ready()
+        assert not in_progress.exists(), "a station alone cleans up a crash's leftovers"
+        assert named(alone.events(), "recover.cleaned")[0]["temporary_files_removed"] == 1
+    finally:
+        for station in stations:
+            station.kill()
