@@ -236,7 +236,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 
 def _report_retries(journal, jobs) -> int:
-    from .journal import JobState
+    from .jobs import JobState
 
     waiting = set(journal.retry_requests())
     code = EXIT_OK

@@ -13,7 +13,7 @@ import structlog
 from .api import DownloadError
 from .context import Context, StageOutcome, unpublish
 from .finishing import BadResult, copy_output, finish_delivery, placed_output, write_result
-from .journal import Job, JobState
+from .jobs import Job, JobState
 from .previews import copy_preview, enabled_folder
 
 log = structlog.get_logger("daemon.stages")

@@ -22,7 +22,7 @@ import structlog
 
 from .api import DownloadError
 from .context import Context, changed_since_taken, pinned_original, remove_staged, require_inbox, unpublish
-from .journal import Charge, Job, JobState, StaleTransition
+from .jobs import Charge, Job, JobState, StaleTransition
 from .logging import mask_secrets
 from .outbox import claim_name, finish_temp, free_name, move_to, temporary_file, write_json_atomically
 from .output.pipeline import BadResult, Origin, OutputFacts, pixel_cap, rendered

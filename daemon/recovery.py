@@ -20,7 +20,7 @@ import structlog
 
 from .context import Context, staged_job_id, unpublish
 from .finishing import fail
-from .journal import FINAL_STATES, Charge, Job, JobState
+from .jobs import FINAL_STATES, Charge, Job, JobState
 from .outbox import remove_temporaries
 from .stages import RESEND_HINT
 

@@ -22,8 +22,8 @@ import structlog
 
 from . import control, fleet, previews, recovery, retry, stages
 from .api import PollVerdict, SubmitVerdict
-from .journal import FINAL_STATES, IN_FLIGHT_STATES, Charge, Job, JobState, StaleTransition, heartbeat_file
-from .journal import NewJob, StorageUnavailable
+from .jobs import FINAL_STATES, IN_FLIGHT_STATES, Charge, Job, JobState, NewJob, StaleTransition
+from .journal import StorageUnavailable, heartbeat_file
 from .pacing import NO_BALANCE, PollPlan, SubmitGate, full_jitter, overdue_reason
 from .profiles import HELD_RETRY_SECONDS, SETTINGS_META, FolderSettings, Held
 from .spending import SpendingLimit

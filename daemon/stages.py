@@ -24,7 +24,7 @@ from .context import (Context, InboxUnavailable, StageOutcome, changed_since_tak
 from .duplicates import handle_twin, wait_for_twin
 from .finishing import deliver, fail, finish_delivery, finish_failing, placed_output, transition_and_charge
 from .hosting import HostingError, key_for_logs, new_key
-from .journal import Charge, Job, JobState
+from .jobs import Charge, Job, JobState
 from .logging import mask_secrets
 from .pacing import full_jitter
 from .preflight import PreflightError, PreflightResult, check_image, converted_name, pin_holds
