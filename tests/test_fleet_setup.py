@@ -81,3 +81,33 @@ def test_the_dashboard_shows_the_fleet(folders, emulator, make_config, run_daemo
     assert "Fleet: 1 of 2 daemons running" in page
     rows = re.findall(r"<tr><td>(\w+)</td><td>[^<]*</td>\s*<td>(\w+)</td>", page)
     assert sorted(rows) == [("north", "running"), ("south", "stopped")]
+
+
+def test_metrics_count_the_fleets_daemons(postgres_dsn, tmp_path):
+    from prometheus_client import generate_latest
+    from prometheus_client.core import CollectorRegistry
+
+    from daemon.metrics import JournalFigures
+
+    running, stopped, silent, reader = (Journal(PostgresConnector(postgres_dsn)) for _ in range(4))
+    running.join("north", lease_seconds=30)
+    stopped.join("south", lease_seconds=30)
+    stopped.leave()
+    silent.join("east", lease_seconds=3)
+    silent.store.read("UPDATE nodes SET lease_until = lease_until - 10 WHERE name = 'east' RETURNING token")
+    registry = CollectorRegistry()
+    registry.register(JournalFigures(reader))
+    text = generate_latest(registry).decode()
+    for state, count in (("running", 1), ("silent", 1), ("stopped", 1)):
+        assert f'codeformer_fleet_daemons{{state="{state}"}} {count}.0' in text
+
+
+def test_no_fleet_metric_on_sqlite(tmp_path):
+    from prometheus_client import generate_latest
+    from prometheus_client.core import CollectorRegistry
+
+    from daemon.metrics import JournalFigures
+
+    registry = CollectorRegistry()
+    registry.register(JournalFigures(Journal(tmp_path / "journal.sqlite3")))
+    assert "codeformer_fleet_daemons{" not in generate_latest(registry).decode()
