@@ -22,6 +22,10 @@ log = structlog.get_logger("daemon.fleet")
 
 SHARED_GATE_META = "fleet_gate"
 
+RENEWALS_PER_LEASE = 4
+RENEW_AT_MOST_EVERY = 2.0
+"""Seconds: the lease is renewed this often at most (one UPDATE of one row), and more often when it is short."""
+
 TAKEOVER_CHECK_SECONDS = 2.0
 """How often a daemon looks for jobs whose holder's lease lapsed (one indexed query)."""
 
@@ -78,17 +82,25 @@ class Fleet:
         self.following = False
         """The gate's pause was heard from another daemon (so it lifts when that one's record goes)."""
         self._next_takeover = 0.0
+        self._next_renewal = 0.0
         self._lease_lost_said = False
 
     # ------------------------------------------------------------------ the lease and takeover
 
-    def renew_and_take_over(self, now: float, outage_ended_at: float | None) -> list[Job]:
-        """Renew this run's lease; every TAKEOVER_CHECK_SECONDS take over the jobs of runs whose lease
-        lapsed. Not within `lease_seconds` of the database coming back: the others, cut off just as
-        long, must first have had the time to renew theirs."""
+    def renew_if_due(self, now: float) -> None:
+        """Renew this run's lease every RENEWALS_PER_LEASE-th of `lease_seconds` (at most every
+        HEARTBEAT_SECONDS): a renewal late by a busy pass or two still comes well within the lease."""
+        if now < self._next_renewal:
+            return
+        self._next_renewal = now + min(RENEW_AT_MOST_EVERY, self.journal.lease_seconds / RENEWALS_PER_LEASE)
         if not self.journal.renew_lease() and not self._lease_lost_said:
             self._lease_lost_said = True
             log.error("fleet.lease_lost", detail="this daemon's run is no longer in the journal's list of daemons")
+
+    def take_over_if_due(self, now: float, outage_ended_at: float | None) -> list[Job]:
+        """Every TAKEOVER_CHECK_SECONDS, take over the jobs of runs whose lease lapsed. Not within
+        `lease_seconds` of the database coming back: the others, cut off just as long, must first have
+        had the time to renew theirs."""
         if now < self._next_takeover:
             return []
         if outage_ended_at is not None and now - outage_ended_at < self.journal.lease_seconds:

@@ -198,8 +198,11 @@ class Scheduler:
                 pass  # nothing to tidy in a database that cannot be reached
 
     def _recovery_progress(self) -> None:
-        """Recovery is moving: count it as a pass, so the watchdog keeps being fed through a long one."""
+        """Recovery is moving: count it as a pass, so the watchdog keeps being fed through a long one,
+        and keep this daemon's lease (a long recovery must not hand its jobs to the others)."""
         self.last_pass = self.clock()
+        if self.fleet is not None:
+            self.fleet.renew_if_due(self.last_pass)
 
     def is_alive(self, stale_after: float) -> bool:
         """For the watchdog: the loop passed within `stale_after` seconds, or recovery made progress
@@ -568,6 +571,10 @@ class Scheduler:
         """Show the daemon is alive (for `status` and the watchdog), and remind, at a bounded rate, of a pause."""
         now = self.clock()
         self.last_pass = now
+        if self.fleet is not None:  # on its own clock: a few times per lease, however short
+            self.fleet.renew_if_due(now)
+            for job in self.fleet.take_over_if_due(now, self.outage.ended_at):
+                self._dispatch(job, "takeover", recovery.carry_on)
         if self.gate.reminder_due(now):
             log.error("submits.still_paused", reason=self.gate.reason, detail=self.gate.detail,
                       paused_for=round(now - self.gate.paused_since), next_probe_in=round(max(0.0, self.gate.until - now), 1),
@@ -578,9 +585,6 @@ class Scheduler:
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + HEARTBEAT_SECONDS
             self.ctx.journal.beat()  # a touched file, never a synced write: idle costs the disk nothing
-            if self.fleet is not None:
-                for job in self.fleet.renew_and_take_over(now, self.outage.ended_at):
-                    self._dispatch(job, "takeover", recovery.carry_on)
             if self.status_hook is not None:  # two counts every two seconds are not worth making for nobody
                 self.status_hook(self.activity())
 
