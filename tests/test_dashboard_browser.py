@@ -164,7 +164,8 @@ def test_without_the_token_only_the_login_page_is_reachable(folders, emulator, m
             assert "Sign in" in driver.title
         driver.find_element("name", "token").send_keys("a wrong token, surely")
         click(driver, "#sign-in")
-        assert "not the dashboard's token" in driver.page_source
+        # The answer to the form is a new page: wait for it, not for the click to return.
+        wait_for(lambda: "not the dashboard's token" in driver.page_source, 10, what="the wrong token refused")
         driver.find_element("name", "token").send_keys(TOKEN)
         click(driver, "#sign-in")
         wait_for(lambda: driver.current_url == url + "/", 10, what="the overview after signing in")
