@@ -366,6 +366,7 @@ class GatewayEmulator:
         self._counts = dict.fromkeys(("submits_received", "submits_accepted", "polls",
                                       "media_downloads"), 0)
         self._rejected: dict[str, int] = {}
+        self._peak_unfinished = 0
         self._last_accept: float | None = None
         self._deliveries = 0
         self._threads: list[threading.Thread] = []
@@ -463,6 +464,13 @@ class GatewayEmulator:
             return {**self._counts, "rejected": dict(self._rejected), "balance": self.balance,
                     "faults": dict(self._faults), "jobs": jobs}
 
+    @property
+    def peak_unfinished(self) -> int:
+        """The most accepted jobs unfinished (queued or processing) at one moment: never more than the
+        client kept in flight, so a fleet that overstepped `api.max_in_flight` shows here."""
+        with self._lock:
+            return self._peak_unfinished
+
     def submits_by_content(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         with self._lock:
@@ -534,6 +542,8 @@ class GatewayEmulator:
                   charged, server_url, submitted_at=now, updated_at=now)
         self._jobs[job.request_id] = job
         self._counts["submits_accepted"] += 1
+        unfinished = sum(j.status not in FINAL for j in self._jobs.values())
+        self._peak_unfinished = max(self._peak_unfinished, unfinished)
         self._dispatch_locked()
         return job
 
