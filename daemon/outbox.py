@@ -215,10 +215,13 @@ def write_json_atomically(path: Path, data: dict[str, Any]) -> Path:
         return claim_name(temp, path)
 
 
-def remove_temporaries(directory: Path, progress: Callable[[], None] = lambda: None) -> int:
+def remove_temporaries(directory: Path, progress: Callable[[], None] = lambda: None,
+                       older_than: float | None = None) -> int:
     """Delete temporary files a crash left in `directory` (recursively); returns how many.
 
-    `progress` is called for each folder walked (a large archive takes a while).
+    `progress` is called for each folder walked (a large archive takes a while). With `older_than`
+    (wall time), only those last written before it: in shared folders, a newer one may be another
+    daemon's write in progress.
     """
     removed = 0
     if not directory.is_dir():
@@ -229,6 +232,8 @@ def remove_temporaries(directory: Path, progress: Callable[[], None] = lambda: N
             path = Path(dirpath) / name
             if is_temporary(path):
                 with contextlib.suppress(FileNotFoundError):
+                    if older_than is not None and path.stat().st_mtime >= older_than:
+                        continue
                     path.unlink()
                     removed += 1
     return removed

@@ -26,6 +26,10 @@ from .stages import RESEND_HINT
 
 log = structlog.get_logger("daemon.recovery")
 
+STALE_TEMPORARY_SECONDS = 6 * 3600.0
+"""A temporary file in the shared folders untouched this long is a crash's leftover, not another
+daemon's write in progress (a delivery writes its file in seconds)."""
+
 UNFINISHED_STATES = tuple(state for state in JobState if state not in FINAL_STATES)
 
 
@@ -41,17 +45,20 @@ def recover(ctx: Context, progress: Callable[[], None] = lambda: None) -> None:
     # One daemon on its own journal: whatever is held was held by its own previous run.
     for job in journal.take_over(everything=not journal.store.shared):
         carry_on(ctx, job, progress)
-    swept = removed = 0
+    swept = 0
     # Another live daemon's publications are not orphans, nor are its half-written files in the
-    # shared folders: only a daemon alone (always, on SQLite) sweeps them.
-    if _alone(journal):
+    # shared folders: only a daemon alone (always, on SQLite) sweeps them all. Beside others, it
+    # removes only temporary files no write has touched for a long while.
+    alone = _alone(journal)
+    if alone:
         try:
             swept = ctx.host.sweep(journal.hosted_keys())
         except Exception as exc:  # noqa: BLE001 - orphans wait for the next start (and the lifecycle rule)
             log.warning("hosting.sweep_failed", error=f"{type(exc).__name__}: {exc}")
         progress()
-        removed = sum(remove_temporaries(p, progress) for p in (ctx.folders.outbox, ctx.folders.archive,
-                                                                 ctx.folders.failed))
+    older_than = None if alone else ctx.wall() - STALE_TEMPORARY_SECONDS
+    removed = sum(remove_temporaries(p, progress, older_than) for p in (ctx.folders.outbox, ctx.folders.archive,
+                                                                         ctx.folders.failed))
     unpinned = _sweep_staging(ctx)
     if swept or removed or unpinned:
         log.info("recover.cleaned", orphans_unpublished=swept, temporary_files_removed=removed,

@@ -417,6 +417,10 @@ class Scheduler:
             return
         journal = self.ctx.journal
         sightings = self.watcher.take_settled(journal.active_jobs_for, limit=NEW_FILES_PER_PASS)
+        if self.fleet is not None and sightings:
+            # Another station may have restored and archived a file since this one saw it settle (a
+            # restart's first scan lags behind the share): a file no longer there is not taken.
+            sightings = [s for s in sightings if os.path.lexists(self.ctx.inbox / s.rel_path)]
         settings = self.folder_settings.settings_for(self.ctx.config, [s.rel_path for s in sightings])
         self._follow_folder_settings()
         held = [s for s in sightings if isinstance(settings[s.rel_path], Held)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -395,10 +396,16 @@ def test_a_station_starting_beside_a_live_one_leaves_the_shared_folders_alone(tm
     try:
         north.wait_ready()
         in_progress.write_bytes(b"half of a delivery")
+        leftover = folders["outbox"] / ".codeformer-fedcba9876543210.tmp"
+        leftover.write_bytes(b"a crash's leftover, untouched for seven hours")
+        os.utime(leftover, (time.time() - 7 * 3600,) * 2)
         south = start_station(tmp_path, south_config, "south")
         stations.append(south)
         south.wait_ready()
+        wait_for(lambda: named(south.events(), "recover.cleaned") or not leftover.exists(), 10,
+                 what="south's start-up clean-up")
         assert in_progress.exists(), "south removed what may be north's delivery in progress"
+        assert not leftover.exists(), "a temporary file untouched for hours is a crash's leftover"
         assert north.terminate() == 0 and south.terminate() == 0  # clean stops: both leases end now
         alone = DaemonProcess(south_config, tmp_path / "south-alone.log").start()
         stations.append(alone)
