@@ -19,12 +19,10 @@ from pathlib import Path
 import pytest
 
 from daemon.jobs import FINAL_STATES, IN_FLIGHT_STATES, JobState
-from daemon.journal import Journal
 from daemon.outbox import is_temporary
-from daemon.storage.postgresql import PostgresConnector
 
 from .conftest import DaemonProcess, free_port, visible_files, wait_for
-from .test_fleet import fleet_config, start_station
+from .test_fleet import fleet_config, read_journal, start_station
 from .test_restart import accounted_for, drop
 
 STATIONS = ("north", "south", "east")
@@ -78,19 +76,12 @@ class Station:
         return self.ready_lines() > self.ready_before
 
 
-def shared_journal(dsn: str) -> Journal:
-    return Journal(PostgresConnector(dsn, read_only=True))
-
-
 def fleet_settled(dsn: str) -> bool:
     """Every job final and none held by any run: past this, no daemon can submit or move anything."""
-    journal = shared_journal(dsn)
-    try:
+    with read_journal(dsn) as journal:
         unfinished = journal.count_in(*(set(JobState) - FINAL_STATES))
         held = journal.read("SELECT count(*) FROM jobs WHERE owner IS NOT NULL")[0][0]
         return unfinished == 0 and held == 0
-    finally:
-        journal.close()
 
 
 @dataclass
@@ -242,12 +233,9 @@ def check_the_journal(dsn: str, names: list[str], said: str) -> None:
     """One job per scan, every one final and let go, and never more in flight than the limit: replayed
     from the journal's history (a move's time is read after the claim's lock, so time order is
     the order the claims saw)."""
-    journal = shared_journal(dsn)
-    try:
+    with read_journal(dsn) as journal:
         jobs = journal.read_jobs("SELECT * FROM jobs")
         events = journal.read("SELECT job_id, from_state, to_state FROM job_events ORDER BY at, id")
-    finally:
-        journal.close()
     assert sorted(j.rel_path for j in jobs) == sorted(names), f"{said} one job per scan"
     assert fleet_settled(dsn), f"{said} a job moved or was held again after the fleet stopped"
     in_flight: set[int] = set()
@@ -263,26 +251,20 @@ def check_the_journal(dsn: str, names: list[str], said: str) -> None:
 
 def holders(dsn: str, stations: list[Station]) -> list[Station]:
     """Of `stations`, those whose running process holds a job now."""
-    journal = shared_journal(dsn)
-    try:
+    with read_journal(dsn) as journal:
         pids = {n.pid for n in journal.nodes() if n.holding and n.left_at is None}
-    finally:
-        journal.close()
     return [s for s in stations if s.proc.proc.pid in pids]
 
 
 def where_things_stand(dsn: str, folders) -> str:
     """For a failure's output: the unfinished jobs, who holds them, and the fleet's runs."""
-    journal = shared_journal(dsn)
-    try:
+    with read_journal(dsn) as journal:
         lines = [f"job {j.id} {j.rel_path}: {j.state.value} owner={j.owner} error={j.last_error}"
                  for j in journal.read_jobs("SELECT * FROM jobs WHERE state NOT IN ('done', 'failed', 'vanished') "
                                             "OR owner IS NOT NULL ORDER BY id")]
         now = journal.database_time()
         lines += [f"run {n.name} {n.token}: lease {n.lease_until - now:+.1f}s, left={n.left_at is not None}, "
                   f"holding {n.holding}" for n in journal.nodes()]
-    finally:
-        journal.close()
     lines += [f"in the inbox: {p}" for p in visible_files(folders["inbox"])]
     return "\n".join(lines)
 
@@ -355,11 +337,8 @@ def check_nothing_paid_twice(emulator, dsn: str, folders, said: str) -> None:
     station was killed before it did."""
     twice = {sha: n for sha, n in emulator.submits_by_content().items() if n > 1}
     assert twice == {}, f"{said} contents submitted twice: {twice}"
-    journal = shared_journal(dsn)
-    try:
+    with read_journal(dsn) as journal:
         jobs = journal.read_jobs("SELECT * FROM jobs")
-    finally:
-        journal.close()
     by_path = {job.rel_path: job for job in jobs}
     submitted_keys = [emulator_job["image_url"].rsplit("/", 1)[-1] for emulator_job in emulator.stats()["jobs"]]
     assert len(submitted_keys) == len(set(submitted_keys)), f"{said} one publication submitted twice"
