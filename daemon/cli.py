@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import signal
@@ -25,9 +26,17 @@ def _error(message: str, code: int) -> int:
     return code
 
 
+def dump_stacks_on_sigusr1() -> None:
+    """`kill -USR1 <pid>` writes every thread's stack to stderr (the journal under systemd): what a
+    daemon that seems stuck is doing, without stopping it."""
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .scheduler import wake_on_signals
     from .service import Service, StartupError
+
+    dump_stacks_on_sigusr1()
 
     try:
         config = load_config(args.config)
@@ -311,6 +320,7 @@ def cmd_emulator(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoError, run_demo
 
+    dump_stacks_on_sigusr1()
     try:
         return run_demo(args.dir, count=args.count, latency=args.latency, dashboard=args.dashboard)
     except DemoError as exc:

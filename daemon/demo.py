@@ -103,7 +103,8 @@ def run_demo(directory: str | os.PathLike, count: int = 4, latency: float = 1.0,
         }, root)
         service = Service(config, Secret(emulator.api_key))
         service.start()
-        runner = threading.Thread(target=service.run, name="daemon", daemon=True)
+        finished: list[bool] = []
+        runner = threading.Thread(target=lambda: finished.append(service.run()), name="daemon", daemon=True)
         runner.start()
         names = [DEMO_FILES[i % len(DEMO_FILES)] if i < len(DEMO_FILES) else f"extra/scan-{i}.jpg"
                  for i in range(count)]
@@ -129,7 +130,13 @@ def run_demo(directory: str | os.PathLike, count: int = 4, latency: float = 1.0,
         runner.join(timeout=30)
     if service.dashboard is None:
         _print_results(root, names, restored, folders["failed"])
-    return 0 if len(restored) == len(names) else 1
+    code = 0 if len(restored) == len(names) else 1
+    if finished != [True]:
+        # A stage outlived the stop (see `cmd_run`): exiting normally would wait for its thread.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _print_results(root: Path, names: list[str], restored: list[Path], failed: Path) -> None:

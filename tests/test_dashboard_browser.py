@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -182,9 +183,10 @@ def test_the_demo_keeps_its_dashboard_up_and_the_readme_screenshots_come_from_it
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    stderr = open(tmp_path / "demo.stderr", "w")
     demo = subprocess.Popen([sys.executable, "-m", "daemon.cli", "demo", "--dir", str(tmp_path / "demo"),
                              "--latency", "0.3", "--dashboard", f"127.0.0.1:{port}"],
-                            cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                            cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True)
     try:
         lines = []
         for line in demo.stdout:
@@ -207,4 +209,13 @@ def test_the_demo_keeps_its_dashboard_up_and_the_readme_screenshots_come_from_it
         assert (target / "dashboard-overview.png").stat().st_size > 10_000
     finally:
         demo.send_signal(signal.SIGINT)
-        assert demo.wait(30) == 0
+        try:
+            assert demo.wait(60) == 0
+        except subprocess.TimeoutExpired:
+            demo.send_signal(signal.SIGUSR1)  # every thread's stack, for the failure message
+            time.sleep(1)
+            demo.kill()
+            pytest.fail("the demo did not stop within 60 s of Ctrl-C; its threads:\n"
+                        + (tmp_path / "demo.stderr").read_text()[-20000:])
+        finally:
+            stderr.close()
