@@ -321,6 +321,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoError, run_demo
 
     dump_stacks_on_sigusr1()
+    # Ctrl-C (and a stop) end the demo even when it was started with SIGINT ignored, as a background
+    # job of a script is: Python then leaves it ignored, and the demo would wait for ever.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return run_demo(args.dir, count=args.count, latency=args.latency, dashboard=args.dashboard)
     except DemoError as exc:

@@ -119,9 +119,9 @@ def run_demo(directory: str | os.PathLike, count: int = 4, latency: float = 1.0,
         time.sleep(0.3)  # let the last archive moves land before stopping
         restored = sorted(p for p in expected if p.exists())
         if service.dashboard is not None:
-            _print_results(root, names, restored, folders["failed"])
-            print(f"\nThe dashboard is at {service.dashboard.url}/ ; Ctrl-C ends the demo.", flush=True)
-            try:
+            try:  # a Ctrl-C the moment the line is read must find the handler in place
+                _print_results(root, names, restored, folders["failed"])
+                print(f"\nThe dashboard is at {service.dashboard.url}/ ; Ctrl-C ends the demo.", flush=True)
                 while runner.is_alive():
                     runner.join(0.5)
             except KeyboardInterrupt:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -70,6 +71,22 @@ def test_demo_restores_generated_scans_and_refuses_a_used_folder(tmp_path):
     assert len(visible_files(tmp_path / "demo here" / "archive")) == 4
     again = cli("demo", "--dir", "demo here", cwd=tmp_path)
     assert again.returncode == 1 and "not empty" in again.stderr
+
+
+def test_ctrl_c_ends_the_demo_even_when_it_started_with_sigint_ignored(tmp_path):
+    """A background job of a script starts with SIGINT ignored, and Python then keeps it ignored: the
+    demo with its dashboard would wait for a Ctrl-C that never arrives."""
+    demo = subprocess.Popen([sys.executable, "-m", "daemon.cli", "demo", "--dir", str(tmp_path / "demo"),
+                             "--dashboard", "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        for line in demo.stdout:
+            if "Ctrl-C ends the demo" in line:
+                break
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(30) == 0
+    finally:
+        demo.kill()
 
 
 def test_emulator_refuses_a_bad_listen_address_with_a_clear_error():
