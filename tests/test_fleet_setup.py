@@ -8,7 +8,7 @@ import pytest
 
 from daemon.cli import render_status
 from daemon.config import ConfigError, Secret, config_from_mapping
-from daemon.journal import Journal
+from daemon.journal import Journal, JobState
 from daemon.reports import status_report
 from daemon.service import Service, StartupError
 from daemon.storage.postgresql import PostgresConnector
@@ -111,3 +111,27 @@ def test_no_fleet_metric_on_sqlite(tmp_path):
     registry = CollectorRegistry()
     registry.register(JournalFigures(Journal(tmp_path / "journal.sqlite3")))
     assert "codeformer_fleet_daemons{" not in generate_latest(registry).decode()
+
+
+def test_a_file_gone_from_the_shared_inbox_by_the_time_it_settled_is_not_taken(folders, emulator, make_config,
+                                                                                run_daemon, postgres_dsn):
+    """A station's view of the share can lag (its first scan after a restart): another station may have
+    restored and archived a file it still offers as settled. Taken, it would only end as vanished."""
+    from daemon.settle import Sighting
+
+    from .conftest import drop_scan, wait_for
+
+    daemon = run_daemon(make_config(state={"backend": "postgresql", "postgresql": {"dsn": postgres_dsn}}))
+    watcher = daemon.service.watcher
+    offered = watcher.take_settled
+    late = [Sighting("restored-elsewhere.jpg", 1234, 1, 0.3)]
+
+    def take_settled(active_jobs, limit=None):  # the share's real files, and one this station saw too late
+        return offered(active_jobs, limit) + [late.pop()] if late else offered(active_jobs, limit)
+
+    watcher.take_settled = take_settled
+    drop_scan(folders, "here.jpg")
+    journal = daemon.service.journal
+    wait_for(lambda: journal.count_in(JobState.DONE) == 1, 30, what="the file that is there restored")
+    assert not late, "the late sighting was offered"
+    assert [r[0] for r in journal.read("SELECT rel_path FROM jobs")] == ["here.jpg"]
