@@ -29,9 +29,6 @@ RENEW_AT_MOST_EVERY = 2.0
 TAKEOVER_CHECK_SECONDS = 2.0
 """How often a daemon looks for jobs whose holder's lease lapsed (one indexed query)."""
 
-FORGET_NODES_AFTER = 7 * 86400.0
-"""Runs that ended this long ago and hold nothing are dropped from the journal's list of daemons."""
-
 
 @dataclass(frozen=True)
 class SharedGate:
@@ -111,7 +108,6 @@ class Fleet:
             log.warning("fleet.took_over", jobs=len(taken), job_ids=[j.id for j in taken][:20],
                         states=sorted({j.state.value for j in taken}),
                         detail="another daemon's lease lapsed: its jobs go on here from where they stood")
-            self.journal.forget_nodes(self.journal.database_time() - FORGET_NODES_AFTER)
         return taken
 
     # ------------------------------------------------------------------ pauses and holds, shared

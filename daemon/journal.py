@@ -62,6 +62,9 @@ def _row_to_job(row: Any) -> Job:
 
 
 
+FORGET_RUNS_AFTER = 7 * 86400.0
+"""Seconds after its lease ended that a run holding nothing is dropped from the list of daemons."""
+
 _PAID_BETWEEN = "SELECT sum(CASE kind WHEN 'refunded' THEN -1 ELSE 1 END) FROM charges WHERE at >= ? AND at < ?"
 """Images paid for in [since, until): charges and possible charges, less refunds."""
 
@@ -168,11 +171,16 @@ class Journal:
         self.token = secrets.token_hex(8)
         self.lease_seconds = float(lease_seconds)
         now = self.store.now_sql
+        held = [s.value for s in HELD_STATES]
         with self.transaction() as cur:
             cur.execute(f"INSERT INTO nodes(token, name, host, pid, started_at, heartbeat_at, lease_until) "
                         f"VALUES (?, ?, ?, ?, {now}, {now}, {now} + ?)",
                         (self.token, name or socket.gethostname(), socket.gethostname(), os.getpid(),
                          self.lease_seconds))
+            # Runs long over that hold nothing leave the list, so it stays as short as `status` shows it.
+            cur.execute(f"DELETE FROM nodes WHERE lease_until < {now} - ? AND token NOT IN "
+                        f"(SELECT owner FROM jobs WHERE owner IS NOT NULL AND state IN ({_marks(held)}))",
+                        (FORGET_RUNS_AFTER, *held))
         return self.token
 
     def renew_lease(self) -> bool:
@@ -240,14 +248,6 @@ class Journal:
     def database_time(self) -> float:
         """The database's clock (leases are dated by it, whichever machine writes them)."""
         return float(self._one(f"SELECT {self.store.now_sql}")[0])
-
-    def forget_nodes(self, before: float) -> None:
-        """Drop runs whose lease ended before `before` and that hold nothing: `status` stays short."""
-        held = [s.value for s in HELD_STATES]
-        with self.transaction() as cur:
-            cur.execute(f"DELETE FROM nodes WHERE lease_until < ? AND token NOT IN "
-                        f"(SELECT owner FROM jobs WHERE owner IS NOT NULL AND state IN ({_marks(held)}))",
-                        (before, *held))
 
     # ------------------------------------------------------------------ jobs
 

@@ -321,3 +321,16 @@ def test_a_daemon_sees_the_queue_and_history_but_only_its_own_held_jobs(open_jou
     assert [j.id for j in mine.jobs_in(*JobState)] == [queued.id, held_here.id, finished.id]
     assert mine.ids_in(JobState.PUBLISHING) == [held_here.id]
     assert mine.count_in(JobState.PUBLISHING) == 2, "slots are counted fleet-wide"
+
+
+def test_runs_long_over_leave_the_list_of_daemons(open_journal):
+    old, holding, recent = open_journal(), open_journal(), open_journal()
+    old.join("north", lease_seconds=1)
+    holding.join("south", lease_seconds=1)
+    holding.transition(holding.add_job("scan.jpg", 1, 1, PARAMS), JobState.PUBLISHING)
+    recent.join("east", lease_seconds=1)
+    with old.transaction() as cur:  # north and south ended eight days ago, east an hour ago
+        cur.execute("UPDATE nodes SET lease_until = lease_until - ? WHERE name IN ('north', 'south')", (8 * 86400,))
+        cur.execute("UPDATE nodes SET lease_until = lease_until - 3600 WHERE name = 'east'")
+    open_journal().join("west")
+    assert sorted(n.name for n in recent.nodes()) == ["east", "south", "west"], "south still holds a job"
