@@ -62,9 +62,7 @@ def decode(text: str | None) -> SharedGate | None:
 def gate_record(gate: SharedGate | None, me: str, paused: bool, following: bool) -> str:
     """What following `gate` means for a daemon: 'pause' (or stay paused, probing later), 'resume',
     or '' (nothing to do). A pure decision; `Fleet.follow` acts on it."""
-    if gate is None or gate.by == me:
-        return "resume" if paused and following else ""
-    if gate.reason is not None:
+    if gate is not None and gate.by != me and gate.reason is not None:
         return "pause"
     return "resume" if paused and following else ""
 
@@ -72,10 +70,9 @@ def gate_record(gate: SharedGate | None, me: str, paused: bool, following: bool)
 class Fleet:
     """This daemon's part in the fleet: renews its lease, takes over lapsed runs' jobs, shares pauses."""
 
-    def __init__(self, journal: Journal, gate: SubmitGate, clock: Callable[[], float]) -> None:
+    def __init__(self, journal: Journal, gate: SubmitGate) -> None:
         self.journal = journal
         self.gate = gate
-        self.clock = clock
         self.following = False
         """The gate's pause was heard from another daemon (so it lifts when that one's record goes)."""
         self._next_takeover = 0.0
@@ -166,7 +163,7 @@ class Outage:
             log.error("journal.unavailable", error=str(exc),
                       detail="submits wait and every file stays where it is; retrying until the database is back")
 
-    def left_behind(self, job_id: int, exc: Exception) -> None:
+    def left_behind(self, job_id: int) -> None:
         """A stage (on a worker thread) could not write its job's next state."""
         self._left.add(job_id)
 

@@ -65,6 +65,9 @@ def _row_to_job(row: Any) -> Job:
 FORGET_RUNS_AFTER = 7 * 86400.0
 """Seconds after its lease ended that a run holding nothing is dropped from the list of daemons."""
 
+_HELD_IN = f"state IN ({', '.join(sorted(repr(state.value) for state in HELD_STATES))})"
+"""SQL: the job is in a held state (literal values, written once, for every query that asks)."""
+
 _PAID_BETWEEN = "SELECT sum(CASE kind WHEN 'refunded' THEN -1 ELSE 1 END) FROM charges WHERE at >= ? AND at < ?"
 """Images paid for in [since, until): charges and possible charges, less refunds."""
 
@@ -171,7 +174,6 @@ class Journal:
         self.token = secrets.token_hex(8)
         self.lease_seconds = float(lease_seconds)
         now = self.store.now_sql
-        held = [s.value for s in HELD_STATES]
         with self.transaction() as cur:
             cur.execute(f"INSERT INTO nodes(token, name, host, pid, started_at, heartbeat_at, lease_until) "
                         f"VALUES (?, ?, ?, ?, {now}, {now}, {now} + ?)",
@@ -179,8 +181,7 @@ class Journal:
                          self.lease_seconds))
             # Runs long over that hold nothing leave the list, so it stays as short as `status` shows it.
             cur.execute(f"DELETE FROM nodes WHERE lease_until < {now} - ? AND token NOT IN "
-                        f"(SELECT owner FROM jobs WHERE owner IS NOT NULL AND state IN ({_marks(held)}))",
-                        (FORGET_RUNS_AFTER, *held))
+                        f"(SELECT owner FROM jobs WHERE owner IS NOT NULL AND {_HELD_IN})", (FORGET_RUNS_AFTER,))
         return self.token
 
     def renew_lease(self) -> bool:
@@ -210,14 +211,13 @@ class Journal:
         """
         if self.token is None:
             raise RuntimeError("join() before take_over()")
-        held = [s.value for s in HELD_STATES]
         lapsed = "" if everything else \
             f" AND (owner IS NULL OR owner NOT IN (SELECT token FROM nodes WHERE lease_until > {self.store.now_sql}))"
         with self.transaction() as cur:
             self.store.lock(cur, "codeformer-daemon takeover")
             rows = cur.execute(
-                f"SELECT id FROM jobs WHERE state IN ({_marks(held)}) AND (owner IS NULL OR owner != ?){lapsed} "
-                f"ORDER BY id{self.store.skip_locked}", (*held, self.token)).fetchall()
+                f"SELECT id FROM jobs WHERE {_HELD_IN} AND (owner IS NULL OR owner != ?){lapsed} "
+                f"ORDER BY id{self.store.skip_locked}", (self.token,)).fetchall()
             ids = [int(r[0]) for r in rows]
             if not ids:
                 return []
@@ -227,9 +227,7 @@ class Journal:
 
     def hosted_keys(self) -> set[str]:
         """The hosting keys of every held job, every daemon's: what an orphan sweep must leave."""
-        held = [s.value for s in HELD_STATES]
-        return {r[0] for r in self.read(f"SELECT hosted_key FROM jobs WHERE hosted_key IS NOT NULL AND state IN "
-                                        f"({_marks(held)})", held)}
+        return {r[0] for r in self.read(f"SELECT hosted_key FROM jobs WHERE hosted_key IS NOT NULL AND {_HELD_IN}")}
 
     def holds(self, job: Job) -> bool:
         """Whether this run may move `job` (as read): not held by anyone, or held by this run."""
@@ -237,10 +235,8 @@ class Journal:
 
     def nodes(self) -> list[Node]:
         """Every run that has used the journal, newest first, with how many jobs each holds now."""
-        rows = self.read(
-            f"SELECT n.*, (SELECT count(*) FROM jobs WHERE owner = n.token AND state IN "
-            f"({_marks(HELD_STATES)})) AS holding FROM nodes n ORDER BY n.started_at DESC",
-            [s.value for s in HELD_STATES])
+        rows = self.read(f"SELECT n.*, (SELECT count(*) FROM jobs WHERE owner = n.token AND {_HELD_IN}) AS holding "
+                         "FROM nodes n ORDER BY n.started_at DESC")
         return [Node(name=r["name"], token=r["token"], host=r["host"], pid=r["pid"], started_at=float(r["started_at"]),
                      heartbeat_at=float(r["heartbeat_at"]), lease_until=float(r["lease_until"]),
                      left_at=r["left_at"], holding=int(r["holding"])) for r in rows]
@@ -468,7 +464,7 @@ class Journal:
         works only on what it holds; the queue is everyone's)."""
         if self.token is None or not any(s in HELD_STATES for s in states):
             return "", []
-        return " AND (state IN ('pending', 'done', 'failed', 'vanished') OR owner = ?)", [self.token]
+        return f" AND (NOT {_HELD_IN} OR owner = ?)", [self.token]
 
     def jobs_in(self, *states: JobState, limit: int | None = None, due_by: float | None = None,
                 exclude: Collection[int] = ()) -> list[Job]:

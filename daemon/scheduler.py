@@ -145,7 +145,7 @@ class Scheduler:
         """The settings each new file is taken with: profiles and the folders' codeformer.yaml files."""
         self.spending = SpendingLimit(ctx.journal, lambda: self.ctx.wall(), on_change=self._record_pause)
         """Daily and monthly limits on submits, from the ledger."""
-        self.fleet = fleet.Fleet(ctx.journal, self.gate, clock) if ctx.journal.store.shared else None
+        self.fleet = fleet.Fleet(ctx.journal, self.gate) if ctx.journal.store.shared else None
         """The other daemons sharing the journal's database (PostgreSQL); None on SQLite."""
         self.outage = fleet.Outage(clock)
         """Whether the journal's database can be reached, said once when that changes."""
@@ -275,7 +275,7 @@ class Scheduler:
         self._announce(change, answer.message)
         if change is not None or answer.verdict in (SubmitVerdict.NO_BALANCE, SubmitVerdict.AUTH) \
                 or answer.http_status == 429:
-            self._share_gate(change)
+            self._share_gate()
 
     def _after_outage(self) -> None:
         """The journal answers (again): jobs whose stage could not record its outcome go on as after a
@@ -290,10 +290,15 @@ class Scheduler:
                     and job.state in (JobState.PUBLISHING, JobState.SUBMITTING):
                 self._dispatch(job, "recover", recovery.carry_on)
 
-    def _share_gate(self, change: str | None = None) -> None:
+    def _share_gate(self) -> None:
         """What this daemon heard from the provider, for the fleet's other daemons."""
         if self.fleet is not None:
             self.fleet.share(self.clock(), self.ctx.wall())
+
+    def _follow_fleet(self) -> None:
+        """What another daemon heard from the provider (a pause, a 429's hold) holds this one too."""
+        if self.fleet is not None:
+            self._announce(self.fleet.follow(self.clock(), self.ctx.wall()), "another daemon of the fleet")
 
     def _announce(self, change: str | None, detail: str) -> None:
         """Say what the gate's change means, once, and keep `status` in step with it."""
@@ -337,12 +342,12 @@ class Scheduler:
         if answer.verdict is PollVerdict.AUTH:
             change = self.gate.on_key_rejected_by_poll(answer.message, now)
             self._announce(change, answer.message)
-            self._share_gate(change)
+            self._share_gate()
         elif answer.http_status == 200:
             change = self.gate.on_key_accepted_by_poll()
             self._announce(change, "")
             if change is not None:
-                self._share_gate(change)
+                self._share_gate()
         if self.polls.heard(outcome.job_id, answer, now, self.ctx.wall()):
             log.warning("webhook.not_arriving", job_id=outcome.job_id,
                         detail="a job finished without its webhook call (is hosting.builtin.public_url reachable "
@@ -387,8 +392,7 @@ class Scheduler:
             return
         self._next_retry_check = now + RETRY_CHECK_SECONDS
         self._follow_person_pause()
-        if self.fleet is not None:
-            self._announce(self.fleet.follow(now, self.ctx.wall()), "another daemon of the fleet")
+        self._follow_fleet()
         if self.stop_requested or not self.watcher.available:
             return
         retry.take_requests(self.ctx.journal, self.ctx.inbox)
@@ -495,8 +499,8 @@ class Scheduler:
         # Readiness is decided in SQL: the oldest jobs backing off must not hide newer ones that are ready.
         now_wall, running = self.ctx.wall(), list(self._running)
         ready = journal.next_pending(limit=free, due_by=now_wall, exclude=running)
-        if ready and self.fleet is not None:  # another station's 402 of a moment ago holds this one too
-            self._announce(self.fleet.follow(self.clock(), now_wall), "another daemon of the fleet")
+        if ready:  # another station's 402 of a moment ago holds this one too
+            self._follow_fleet()
         allowed = self.gate.allowed(self.clock(), min(free, len(ready))) if ready else 0
         launched = 0
         try:
@@ -668,8 +672,8 @@ class Scheduler:
                 return stage(self.ctx, job) or stages.StageOutcome(job.id)
             except StaleTransition as exc:
                 log.debug("job.stale", error=str(exc))
-            except StorageUnavailable as exc:  # said once by the loop; the job is looked at again when it is back
-                self.outage.left_behind(job.id, exc)
+            except StorageUnavailable:  # said once by the loop; the job is looked at again when it is back
+                self.outage.left_behind(job.id)
             except Exception as exc:  # noqa: BLE001 - one job's trouble must not stop the daemon
                 try:
                     self._after_stage_error(job, exc)

@@ -61,7 +61,10 @@ class SpendingLimit:
         return decision.may_start
 
     def caps(self, config: BudgetConfig) -> list[tuple[int, float, float]]:
-        """The limits in force now, for the journal's claim to check under its lock (see budget.caps)."""
+        """The limits in force now, for the journal's claim to check under its lock (see budget.caps).
+        Asked at every claim: without a limit set, no day or month is worked out at all."""
+        if config.daily_limit is None and config.monthly_limit is None:
+            return []
         return budget.caps(config, budget.periods(self.wall(), config.timezone))
 
     def _ledger_used(self, when: budget.Periods) -> budget.Used:
