@@ -135,3 +135,16 @@ def test_a_file_gone_from_the_shared_inbox_by_the_time_it_settled_is_not_taken(f
     wait_for(lambda: journal.count_in(JobState.DONE) == 1, 30, what="the file that is there restored")
     assert not late, "the late sighting was offered"
     assert [r[0] for r in journal.read("SELECT rel_path FROM jobs")] == ["here.jpg"]
+
+
+@pytest.mark.parametrize("dsn", [
+    "host=127.0.0.1 port={port} user=cf password=hunter22 connect_timeout=2",
+    "postgresql://cf:hunter22@127.0.0.1:{port}/cf?connect_timeout=2",
+])
+def test_a_password_in_a_dsn_never_reaches_an_error_text(dsn):
+    """The configuration refuses such a DSN; the connector, given one anyway, never repeats the password."""
+    from daemon.storage import StorageUnavailable
+
+    with pytest.raises(StorageUnavailable) as raised:
+        PostgresConnector(dsn.format(port=free_port()))
+    assert "hunter22" not in str(raised.value) and "cannot reach the PostgreSQL journal" in str(raised.value)

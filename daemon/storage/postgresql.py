@@ -190,8 +190,8 @@ class PostgresConnector:
             self._migrate()
 
     def __str__(self) -> str:
-        """The DSN without its password, for messages."""
-        return re.sub(r"password\s*=\s*\S+", "password=…", self.dsn)
+        """The DSN without its password (as `password=` or in a URI's `user:password@`), for messages."""
+        return re.sub(r"(://[^/:@]*):[^/@]*@", r"\1:…@", re.sub(r"password\s*=\s*\S+", "password=…", self.dsn))
 
     # ------------------------------------------------------------------ the connection
 
