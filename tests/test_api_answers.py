@@ -252,6 +252,8 @@ def test_bad_requests_fail_at_once_and_a_run_of_them_points_at_the_configuration
     assert record["stage"] == "rejected" and "Model not found" in record["api_error"]
     assert record["submit_attempts"] == 0
     assert emulator.stats()["submits_received"] == 3, "no retries"
+    # The third refusal's failure record is written by the stage; the scheduler hears of it just after.
+    wait_for(lambda: events(captured_logs, "submits.all_rejected"), 10, what="the configuration hint")
     [hint] = events(captured_logs, "submits.all_rejected")
     assert "configuration" in hint["hint"]
     wait_for_status(config, "Model not found")
