@@ -49,6 +49,9 @@ class Context:
     """Asks the scheduler to poll a job at once (the provider's webhook said it changed)."""
     watched_inbox: tuple[int, int] | None = None
     """(device, inode) of the inbox folder the watcher watches, kept current by the scheduler."""
+    inbox_unavailable: str | None = None
+    """Why this daemon's watcher cannot read the inbox, None while it can; kept current by the scheduler.
+    It is this station's own: in a fleet, another station's dropped share holds nothing here."""
     c2pa_key: Path | None = None
     """The PEM key that signs outputs (output.c2pa), resolved by the service; None: no signing."""
     started_at: float = field(default_factory=time.time)
@@ -149,12 +152,12 @@ def require_inbox(ctx: Context) -> None:
 
     A share unmounted or a disk pulled is no reason to drop the job or skip its archiving: raised
     from a stage, the scheduler keeps the job and retries it later. The watcher's verdict (recorded
-    in the journal) also covers an unmounted share whose empty mount point still looks like a folder,
+    by the scheduler) also covers an unmounted share whose empty mount point still looks like a folder,
     and so, before the watcher has noticed, does comparing the folder with the one it watches: an
     unmounted share leaves the mount point, another folder, in its place.
     """
     identity, reason = probe_inbox(ctx.inbox)
-    reason = ctx.journal.get_meta("inbox_unavailable") or reason
+    reason = ctx.inbox_unavailable or reason
     if reason is None and ctx.watched_inbox is not None and identity != ctx.watched_inbox:
         reason = "the folder at its path is not the one being watched (a share unmounted?)"
     if reason is not None:

@@ -128,6 +128,8 @@ class Node:
     lease_until: float
     left_at: float | None
     holding: int
+    inbox_unavailable: str | None = None
+    """Why this run could not read its inbox when it last said so; None while it can."""
 
 
 @dataclass(frozen=True)

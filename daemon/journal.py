@@ -203,6 +203,22 @@ class Journal:
         with self.transaction() as cur:
             cur.execute(f"UPDATE nodes SET lease_until = {now}, left_at = {now} WHERE token = ?", (self.token,))
 
+    def alone(self) -> bool:
+        """No other daemon of the fleet is alive (always, on SQLite, whose lock file keeps it so)."""
+        if not self.store.shared:
+            return True
+        return self._one(f"SELECT count(*) FROM nodes WHERE token != ? AND left_at IS NULL "
+                         f"AND lease_until > {self.store.now_sql}", (self.token or "",))[0] == 0
+
+    def note_inbox(self, reason: str | None) -> None:
+        """Record for `status` why this run cannot read its inbox (None: it can again). A fact of this
+        run's alone: in a fleet each station mounts the share itself, and one losing it says nothing of
+        the others."""
+        if self.token is None:
+            return
+        with self.transaction() as cur:
+            cur.execute("UPDATE nodes SET inbox_unavailable = ? WHERE token = ?", (reason, self.token))
+
     def take_over(self, *, everything: bool = False) -> list[Job]:
         """Hold, from now on, the jobs of runs whose lease lapsed (or that left), and held jobs without
         a holder; with `everything`, every held job that is not this run's (one daemon on its own
@@ -239,7 +255,8 @@ class Journal:
                          "FROM nodes n ORDER BY n.started_at DESC")
         return [Node(name=r["name"], token=r["token"], host=r["host"], pid=r["pid"], started_at=float(r["started_at"]),
                      heartbeat_at=float(r["heartbeat_at"]), lease_until=float(r["lease_until"]),
-                     left_at=r["left_at"], holding=int(r["holding"])) for r in rows]
+                     left_at=r["left_at"], holding=int(r["holding"]), inbox_unavailable=r["inbox_unavailable"])
+                for r in rows]
 
     def database_time(self) -> float:
         """The database's clock (leases are dated by it, whichever machine writes them)."""

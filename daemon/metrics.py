@@ -81,7 +81,8 @@ def figure_families(report: dict[str, Any] | None) -> list[Metric]:
                                "When the longest-waiting pending job was detected (Unix time); absent when none waits.")
     paused = GaugeMetricFamily(PREFIX + "submits_paused", "1 while new submits are paused, with the reason.",
                                labels=["reason"])
-    inbox = GaugeMetricFamily(PREFIX + "inbox_available", "1 while the inbox folder can be read, 0 while it is away.")
+    inbox = GaugeMetricFamily(PREFIX + "inbox_available", "1 while the inbox folder can be read, 0 while it is "
+                              "away (in a fleet: from any running station).")
     spent = CounterMetricFamily(PREFIX + "submissions_spent", "Submits the provider accepted (each is paid), ever.")
     duplicates = CounterMetricFamily(PREFIX + "duplicates_skipped",
                                      "Jobs given an identical job's result instead of a submit of their own, ever.")

@@ -49,7 +49,7 @@ def recover(ctx: Context, progress: Callable[[], None] = lambda: None) -> None:
     # Another live daemon's publications are not orphans, nor are its half-written files in the
     # shared folders: only a daemon alone (always, on SQLite) sweeps them all. Beside others, it
     # removes only temporary files no write has touched for a long while.
-    alone = _alone(journal)
+    alone = journal.alone()
     if alone:
         try:
             swept = ctx.host.sweep(journal.hosted_keys())
@@ -70,14 +70,6 @@ def carry_on(ctx: Context, job: Job, progress: Callable[[], None] = lambda: None
     step = _STEPS.get(job.state)
     if step is not None:
         _recover_one(ctx, job, step, progress)
-
-
-def _alone(journal) -> bool:
-    """No other daemon of the fleet is alive (always, on SQLite)."""
-    if not journal.store.shared:
-        return True
-    now = journal.database_time()
-    return not any(n.token != journal.token and n.lease_until > now and n.left_at is None for n in journal.nodes())
 
 
 def _sweep_staging(ctx: Context) -> int:

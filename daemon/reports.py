@@ -44,7 +44,7 @@ def journal_summary(journal: Journal, now: float, recent_failures: int = 10) -> 
         "in_flight": in_flight,
         "recent_failures": failures,
         "paused": journal.get_meta("paused"),
-        "inbox_unavailable": journal.get_meta("inbox_unavailable"),
+        "inbox_unavailable": inbox_unavailable(journal),
         "ambiguous_at_restart": journal.counter("ambiguous_at_restart"),
         "duplicates_skipped": journal.counter("duplicates_skipped"),
         "unchanged_delivered": journal.counter("unchanged_delivered"),
@@ -53,6 +53,18 @@ def journal_summary(journal: Journal, now: float, recent_failures: int = 10) -> 
         "pid": int(journal.get_meta("pid") or 0) or None,
         "fleet": fleet(journal) if journal.store.shared else None,
     }
+
+
+def inbox_unavailable(journal: Journal) -> str | None:
+    """Why the running daemon cannot read its inbox, None if it can. In a fleet each station mounts
+    the share itself, so each one that cannot is named with its reason."""
+    rows = journal.read(f"SELECT name, inbox_unavailable FROM nodes WHERE inbox_unavailable IS NOT NULL "
+                        f"AND left_at IS NULL AND lease_until > {journal.store.now_sql} ORDER BY name")
+    if not rows:
+        return None
+    if not journal.store.shared:
+        return rows[0]["inbox_unavailable"]
+    return "; ".join(f"on {r['name']}: {r['inbox_unavailable']}" for r in rows)
 
 
 FLEET_SHOWN_AFTER_LEAVING = 86400.0
@@ -67,7 +79,7 @@ def fleet(journal: Journal) -> list[dict[str, Any]]:
         "node": n.name, "host": n.host, "pid": n.pid, "token": n.token,
         "heartbeat_age_seconds": round(now - n.heartbeat_at, 1),
         "alive": n.lease_until > now and n.left_at is None,
-        "left": n.left_at is not None, "holding": n.holding,
+        "left": n.left_at is not None, "holding": n.holding, "inbox_unavailable": n.inbox_unavailable,
     } for n in journal.nodes() if n.lease_until > now - FLEET_SHOWN_AFTER_LEAVING or n.holding]
 
 

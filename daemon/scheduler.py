@@ -191,9 +191,9 @@ class Scheduler:
                 self.sleep_until_due()
         finally:
             try:
-                self.ctx.journal.set_meta("paused", None)
-                self.ctx.journal.set_meta("inbox_unavailable", None)  # `status` must not show a stale fact
-                self.ctx.journal.set_meta(SETTINGS_META, None)
+                if self.ctx.journal.alone():  # else the fleet's pause and settings problems hold on without it
+                    self.ctx.journal.set_meta("paused", None)
+                    self.ctx.journal.set_meta(SETTINGS_META, None)
             except StorageUnavailable:
                 pass  # nothing to tidy in a database that cannot be reached
 
@@ -360,9 +360,9 @@ class Scheduler:
         """Keep the watcher watching (a dead observer, a vanished inbox) and record the inbox's state."""
         self.watcher.check_health()
         self.ctx.watched_inbox = self.watcher.identity
-        reason = self.watcher.unavailable_reason
+        reason = self.ctx.inbox_unavailable = self.watcher.unavailable_reason
         if reason != self._inbox_state_recorded:
-            self.ctx.journal.set_meta("inbox_unavailable", reason)
+            self.ctx.journal.note_inbox(reason)
             self._inbox_state_recorded = reason
             if reason is None:
                 self._retry_jobs_held_by_the_inbox()

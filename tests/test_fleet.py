@@ -18,7 +18,7 @@ import pytest
 from daemon.journal import IN_FLIGHT_STATES, Journal, JobState
 from daemon.storage.postgresql import PostgresConnector
 
-from .conftest import API_KEY, DaemonProcess, config_mapping, drop_scan, visible_files, wait_for, write_config
+from .conftest import DaemonProcess, config_mapping, drop_scan, visible_files, wait_for, write_config
 
 
 def fleet_config(tmp_path: Path, folders: dict[str, Path], emulator, dsn: str, node: str, **overrides) -> Path:
@@ -305,12 +305,65 @@ def test_an_empty_wallet_heard_by_one_station_pauses_every_station(tmp_path, fol
         assert journal.counts_by_state() == {"pending": 5}
     assert emulator.stats()["submits_accepted"] == 0
 
-    emulator.balance = 100  # topped up: the refused station's probe goes through and every station resumes
+    # A station stopping for the night takes nothing of the fleet's pause with it: `status` still says it.
+    follower_station = next(s for s, heard in zip(stations, heard_from_fleet) if heard)
+    assert follower_station.terminate() == 0
+    assert "paused: insufficient balance" in fleet_status(tmp_path, "left"), "the pause left with a station"
+
+    emulator.balance = 100  # topped up: the refused station's probe goes through and it resumes
     names = ["wallet/first.jpg", *later]
     wait_for(lambda: all(output_for(folders, n).exists() for n in names), 40, what="every scan restored")
-    wait_for(lambda: all(named(s.events(), "submits.resumed") for s in stations), 10, what="every station resumed")
+    refused_station = next(s for s, heard in zip(stations, heard_from_fleet) if not heard)
+    wait_for(lambda: named(refused_station.events(), "submits.resumed"), 10, what="the station resumed")
     assert sorted(emulator.submits_by_content().values()) == [1] * 5
     assert emulator.stats()["rejected"].get("402", 0) <= 2  # the first refusal, perhaps one probe
+    assert "paused" not in fleet_status(tmp_path, "left")
+
+
+def fleet_status(tmp_path: Path, node: str) -> str:
+    """`status` as a person runs it on station `node`."""
+    result = subprocess.run([sys.executable, "-m", "daemon.cli", "status", "--config", str(tmp_path / f"{node}.yaml")],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_a_station_that_loses_the_share_holds_up_no_other(tmp_path, folders, emulator, postgres_dsn, stations,
+                                                          journal):
+    """Each station mounts the NAS itself. When one station's mount goes (here: its path to the shared
+    inbox goes away), `status` names that station and why, and the other station goes on restoring every scan: another station's lost share
+    is no reason to hold its own jobs. When the mount is back, `status` says nothing of it any more."""
+    mount_point = tmp_path / "south-mount"
+    mount_point.symlink_to(folders["inbox"], target_is_directory=True)
+    south_folders = dict(folders, inbox=mount_point)
+    stations.start(fleet_config(tmp_path, folders, emulator, postgres_dsn, "north"), "north")
+    stations.start(fleet_config(tmp_path, south_folders, emulator, postgres_dsn, "south"), "south")
+    for station in stations:
+        station.wait_ready()
+
+    mount_point.unlink()  # the share gone from south
+    wait_for(lambda: "unavailable" in fleet_status(tmp_path, "north"), 10, what="status naming south's inbox")
+    [said] = [line for line in fleet_status(tmp_path, "north").splitlines() if line.startswith("inbox:")]
+    assert said.startswith("inbox: unavailable (on south: ") and "north" not in said, said
+
+    names = [f"share/scan-{i}.jpg" for i in range(4)]
+    for i, name in enumerate(names):
+        drop_scan(folders, name, seed=600 + i)
+    wait_for(lambda: all(output_for(folders, n).exists() for n in names), 40, what="north restoring every scan")
+    wait_for(lambda: journal.counts_by_state() == {"done": 4}, 10, what="every job done")
+    # A scan a person takes back out of the inbox while it is at the provider: north, whose inbox is
+    # there, sees it was deleted rather than lost with a share, and finishes the job.
+    emulator.latency = 2.0
+    drop_scan(folders, "share/taken-back.jpg", seed=610)
+    wait_for(lambda: journal.count_in(JobState.SUBMITTED) == 1, 20, what="the scan at the provider")
+    (folders["inbox"] / "share/taken-back.jpg").unlink()
+    wait_for(lambda: journal.counts_by_state() == {"done": 5}, 20, what="its job done without the original")
+    assert output_for(folders, "share/taken-back.jpg").exists()
+    assert not named(stations.started[0].events(), "job.waiting_for_inbox")
+    assert sorted(emulator.submits_by_content().values()) == [1] * 5
+
+    mount_point.symlink_to(folders["inbox"], target_is_directory=True)  # remounted
+    wait_for(lambda: "inbox:" not in fleet_status(tmp_path, "north"), 15, what="status clear of south's share")
 
 
 def test_a_station_rides_out_its_database_going_away(tmp_path, folders, emulator, own_postgres_server, stations):

@@ -148,3 +148,25 @@ def test_a_password_in_a_dsn_never_reaches_an_error_text(dsn):
     with pytest.raises(StorageUnavailable) as raised:
         PostgresConnector(dsn.format(port=free_port()))
     assert "hunter22" not in str(raised.value) and "cannot reach the PostgreSQL journal" in str(raised.value)
+
+
+def test_a_schema_1_fleet_database_is_migrated_in_place(postgres_dsn):
+    """A fleet's database made by the first PostgreSQL release gains what later ones need, keeping its rows."""
+    import psycopg
+
+    first = Journal(PostgresConnector(postgres_dsn))
+    first.join("north")
+    first.close()
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:  # back to how schema 1 left it
+        conn.execute("ALTER TABLE nodes DROP COLUMN inbox_unavailable")
+        conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    journal = Journal(PostgresConnector(postgres_dsn))
+    try:
+        assert journal.get_meta("schema_version") == "2"
+        [old_run] = journal.nodes()
+        assert old_run.name == "north" and old_run.inbox_unavailable is None
+        journal.join("south")
+        journal.note_inbox("share gone")  # schema 2: why a station cannot read its inbox
+        assert {n.name: n.inbox_unavailable for n in journal.nodes()} == {"north": None, "south": "share gone"}
+    finally:
+        journal.close()

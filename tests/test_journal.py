@@ -129,7 +129,7 @@ def test_a_version_1_journal_is_migrated_in_place_keeping_its_jobs(tmp_path):
     db.executescript(V1_SCHEMA)
     db.close()
     journal = Journal(path)
-    assert journal.get_meta("schema_version") == str(SCHEMA_VERSION) == "8"
+    assert journal.get_meta("schema_version") == str(SCHEMA_VERSION) == "9"
     [job] = journal.jobs_in(JobState.SUBMITTED)
     assert job.request_id == "req-from-v1" and job.duplicate_of is None
     journal.update(job, duplicate_of=None, sha256="abc")  # v2: the new column and index are usable
@@ -152,6 +152,10 @@ def test_a_version_1_journal_is_migrated_in_place_keeping_its_jobs(tmp_path):
     assert journal.get(job.id).output_settings == {"format": "jpeg"}
     journal._db.execute("INSERT INTO charges(job_id, request_id, at, kind) VALUES (?, 'r', 1.0, 'charged')",
                         (job.id,))  # v7: the ledger
+    journal.join("station")  # v8: the runs that held jobs, and their leases
+    journal.note_inbox("share gone")  # v9: why a run cannot read its inbox
+    [node] = journal.nodes()
+    assert (node.name, node.inbox_unavailable) == ("station", "share gone")
     journal.close()
 
 

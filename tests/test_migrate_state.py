@@ -17,7 +17,7 @@ from daemon.control import PAUSE_META, pause_submits
 from daemon.journal import Charge, JobState, Journal, NewJob
 from daemon.config import Secret, load_config
 from daemon.service import Service, StartupError, try_instance_lock
-from daemon.storage.postgresql import PostgresConnector
+from daemon.storage.postgresql import SCHEMA_VERSION as POSTGRES_SCHEMA, PostgresConnector
 
 from .conftest import ManualClock, config_mapping, write_config
 
@@ -109,7 +109,7 @@ def test_migrate_state_copies_the_journal_into_postgresql(tmp_path, folders, emu
         assert fleet.get_meta(PAUSE_META) == repr(SUBMIT_AT)  # a person's pause holds for the fleet too
         for key in ("pid", "paused", "inbox_unavailable", "heartbeat_file"):
             assert fleet.get_meta(key) is None, key
-        assert fleet.get_meta("schema_version") == "1"  # PostgreSQL's own schema, not SQLite's 8
+        assert fleet.get_meta("schema_version") == str(POSTGRES_SCHEMA)  # its own, not SQLite's
         assert fleet.retry_requests() == [j.id for j in jobs.values() if j.state is JobState.FAILED]
         assert fleet.nodes() == []
 

@@ -25,7 +25,7 @@ try:
 except ImportError:  # pragma: no cover - the extra is not installed
     psycopg = None
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -93,13 +93,16 @@ CREATE TABLE IF NOT EXISTS nodes (
     started_at DOUBLE PRECISION NOT NULL,
     heartbeat_at DOUBLE PRECISION NOT NULL,
     lease_until DOUBLE PRECISION NOT NULL,
-    left_at DOUBLE PRECISION
+    left_at DOUBLE PRECISION,
+    inbox_unavailable TEXT
 );
 -- SQLite's name for strpos, so the reports' queries read the same on both databases.
 CREATE OR REPLACE FUNCTION instr(text, text) RETURNS integer LANGUAGE sql IMMUTABLE AS 'SELECT strpos($1, $2)';
 """
 
-MIGRATIONS: dict[int, str] = {}
+MIGRATIONS: dict[int, str] = {
+    2: "ALTER TABLE nodes ADD COLUMN IF NOT EXISTS inbox_unavailable TEXT;",
+}
 """SQL that takes an existing database from version N-1 to N; a new one gets `_SCHEMA` directly."""
 
 RECONNECT_EVERY = 1.0

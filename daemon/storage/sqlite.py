@@ -16,7 +16,7 @@ from typing import Any
 
 from . import JournalError, nested
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 _CHARGES = """
 CREATE TABLE IF NOT EXISTS charges (
@@ -43,6 +43,9 @@ CREATE TABLE IF NOT EXISTS nodes (
 );
 """
 """The daemons that have used this journal, each run under a token of its own (schema 8)."""
+
+_NODES_INBOX = "ALTER TABLE nodes ADD COLUMN inbox_unavailable TEXT;"
+"""Why a daemon cannot read its inbox, for `status` (schema 9): each station's own, as each mounts the share."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -94,7 +97,7 @@ CREATE INDEX IF NOT EXISTS job_events_by_job ON job_events(job_id);
 CREATE INDEX IF NOT EXISTS job_events_by_state_at ON job_events(to_state, at);
 CREATE INDEX IF NOT EXISTS jobs_by_state_updated ON jobs(state, updated_at);
 CREATE TABLE IF NOT EXISTS retry_requests (job_id INTEGER PRIMARY KEY, requested_at REAL NOT NULL);
-""" + _CHARGES + _NODES
+""" + _CHARGES + _NODES + _NODES_INBOX
 
 MIGRATIONS: dict[int, str] = {
     2: """
@@ -116,6 +119,7 @@ MIGRATIONS: dict[int, str] = {
         ALTER TABLE jobs ADD COLUMN output_settings TEXT;
     """ + _CHARGES,
     8: "ALTER TABLE jobs ADD COLUMN owner TEXT;" + _NODES,
+    9: _NODES_INBOX,
 }
 """SQL that takes an existing journal from version N-1 to N; a new journal gets `_SCHEMA` directly."""
 
