@@ -38,7 +38,8 @@ def journal_summary(journal: Journal, now: float, recent_failures: int = 10) -> 
         "request_id": j.request_id, "moved_to": j.final_path, "at": j.finished_at,
         "profile": j.profile, "params": j.params,
     } for j in journal.recent(JobState.FAILED, recent_failures)]
-    heartbeat = journal.heartbeat_age(now)
+    # One daemon's pid and heartbeat file; a fleet's daemons are each in `fleet`, with their own.
+    heartbeat = None if journal.store.shared else journal.heartbeat_age(now)
     return {
         "counts": {state.value: 0 for state in JobState} | journal.counts_by_state(),
         "in_flight": in_flight,
@@ -50,7 +51,7 @@ def journal_summary(journal: Journal, now: float, recent_failures: int = 10) -> 
         "unchanged_delivered": journal.counter("unchanged_delivered"),
         "submissions_spent": journal.submissions_spent(),
         "heartbeat_age_seconds": round(heartbeat, 1) if heartbeat is not None else None,
-        "pid": int(journal.get_meta("pid") or 0) or None,
+        "pid": None if journal.store.shared else int(journal.get_meta("pid") or 0) or None,
         "fleet": fleet(journal) if journal.store.shared else None,
     }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -56,13 +57,18 @@ def test_a_daemon_that_cannot_reach_its_database_at_start_says_so(folders, emula
         Service(config, Secret("unused-key-1234")).start()
 
 
-def test_status_lists_the_fleet(postgres_dsn):
+def test_status_lists_the_fleet(tmp_path, postgres_dsn):
     running, stopped, reader = (Journal(PostgresConnector(postgres_dsn)) for _ in range(3))
     running.join("north", lease_seconds=30)
     stopped.join("south", lease_seconds=30)
     running.transition(running.add_job("scan.jpg", 1, 1, {}), running.get(1).state.PUBLISHING)
+    stopped.start_heartbeat(tmp_path / "south.heartbeat")  # written by each station as it starts: the last one's
+    stopped.set_meta("pid", "4242")
     stopped.leave()
-    text = render_status(status_report(reader, 0.0))
+    report = status_report(reader, 0.0)
+    assert report["pid"] is None and report["heartbeat_age_seconds"] is None, "one station's, shown as the fleet's"
+    assert sorted(n["pid"] for n in report["fleet"]) == [os.getpid()] * 2
+    text = render_status(report)
     assert text.splitlines()[0] == "fleet: 1 daemon running"
     assert "  north on " in text and ": running, last heartbeat " in text and "holding 1 job" in text
     assert "  south on " in text and ": stopped, " in text and "holding 0 jobs" in text
