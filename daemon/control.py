@@ -20,6 +20,10 @@ PAUSED_BY_PERSON = "paused by a person"
 PAUSE_META = "paused_by_person"
 """Journal meta key: the wall time a person paused submits at; absent while they are not paused."""
 
+DAEMON_PAUSE_META = "paused"
+"""Journal meta key: why the daemons hold submits by themselves (the provider's refusal, a budget limit
+reached), for `status`; absent while they do not."""
+
 
 def pause_submits(journal: Journal, now: float | None = None) -> bool:
     """Pause new submits (jobs already at the provider finish); False if they were paused already."""

@@ -44,7 +44,7 @@ def journal_summary(journal: Journal, now: float, recent_failures: int = 10) -> 
         "counts": {state.value: 0 for state in JobState} | journal.counts_by_state(),
         "in_flight": in_flight,
         "recent_failures": failures,
-        "paused": journal.get_meta("paused"),
+        "paused": journal.get_meta(control.DAEMON_PAUSE_META),
         "inbox_unavailable": inbox_unavailable(journal),
         "ambiguous_at_restart": journal.counter("ambiguous_at_restart"),
         "duplicates_skipped": journal.counter("duplicates_skipped"),

@@ -24,9 +24,9 @@ from . import control, fleet, previews, recovery, retry, stages
 from .api import PollVerdict, SubmitVerdict
 from .jobs import FINAL_STATES, IN_FLIGHT_STATES, Charge, Job, JobState, NewJob, StaleTransition
 from .journal import StorageUnavailable, heartbeat_file
-from .pacing import NO_BALANCE, PollPlan, SubmitGate, full_jitter, overdue_reason
+from .pacing import PollPlan, full_jitter, overdue_reason
+from .pauses import Pauses
 from .profiles import HELD_RETRY_SECONDS, SETTINGS_META, FolderSettings, Held
-from .spending import SpendingLimit
 from .watcher import InboxWatcher
 
 log = structlog.get_logger("daemon.scheduler")
@@ -119,7 +119,11 @@ class Scheduler:
                                        thread_name_prefix="stage")
         self.wake = wake or threading.Event()
         self.stop_requested = False
-        self.gate = SubmitGate(self.max_in_flight)
+        self.pauses = Pauses(ctx, clock, self.wake)
+        """Why submits wait (the provider's refusals, the fleet's, a person's pause, a budget limit)."""
+        self.gate = self.pauses.gate
+        self.spending = self.pauses.spending
+        self.fleet = self.pauses.fleet
         self.reload_hook: Callable[[], None] = lambda: None
         """Re-reads what can change without a restart (configuration, key); set by the service, run on SIGHUP."""
         self.status_hook: Callable[[str], None] | None = None
@@ -143,10 +147,6 @@ class Scheduler:
         self._poll_requests: queue.SimpleQueue[int] = queue.SimpleQueue()
         self.folder_settings = FolderSettings(ctx.inbox, ctx.wall)
         """The settings each new file is taken with: profiles and the folders' codeformer.yaml files."""
-        self.spending = SpendingLimit(ctx.journal, lambda: self.ctx.wall(), on_change=self._record_pause)
-        """Daily and monthly limits on submits, from the ledger."""
-        self.fleet = fleet.Fleet(ctx.journal, self.gate) if ctx.journal.store.shared else None
-        """The other daemons sharing the journal's database (PostgreSQL); None on SQLite."""
         self.outage = fleet.Outage(clock)
         """Whether the journal's database can be reached, said once when that changes."""
 
@@ -192,7 +192,7 @@ class Scheduler:
         finally:
             try:
                 if self.ctx.journal.alone():  # else the fleet's pause and settings problems hold on without it
-                    self.ctx.journal.set_meta("paused", None)
+                    self.ctx.journal.set_meta(control.DAEMON_PAUSE_META, None)
                     self.ctx.journal.set_meta(SETTINGS_META, None)
             except StorageUnavailable:
                 pass  # nothing to tidy in a database that cannot be reached
@@ -271,11 +271,7 @@ class Scheduler:
         if answer.verdict is SubmitVerdict.ACCEPTED:
             sent_at = outcome.sent_at if outcome.sent_at is not None else now
             self.polls.submitted(outcome.job_id, sent_at, now, webhook=outcome.webhook)
-        change = self.gate.on_submit(answer, now, outcome.sent_at)
-        self._announce(change, answer.message)
-        if change is not None or answer.verdict in (SubmitVerdict.NO_BALANCE, SubmitVerdict.AUTH) \
-                or answer.http_status == 429:
-            self._share_gate()
+        self.pauses.heard_submit(answer, now, outcome.sent_at)
 
     def _after_outage(self) -> None:
         """The journal answers (again): jobs whose stage could not record its outcome go on as after a
@@ -290,64 +286,13 @@ class Scheduler:
                     and job.state in (JobState.PUBLISHING, JobState.SUBMITTING):
                 self._dispatch(job, "recover", recovery.carry_on)
 
-    def _share_gate(self) -> None:
-        """What this daemon heard from the provider, for the fleet's other daemons."""
-        if self.fleet is not None:
-            self.fleet.share(self.clock(), self.ctx.wall())
-
-    def _follow_fleet(self) -> None:
-        """What another daemon heard from the provider (a pause, a 429's hold) holds this one too."""
-        if self.fleet is not None:
-            self._announce(self.fleet.follow(self.clock(), self.ctx.wall()), "another daemon of the fleet")
-
-    def _announce(self, change: str | None, detail: str) -> None:
-        """Say what the gate's change means, once, and keep `status` in step with it."""
-        gate = self.gate
-        if change == "paused":
-            log.error("submits.paused", reason=gate.reason, detail=detail, next_probe_in=round(gate.delay, 1),
-                      fix=self._fix_for(gate.reason))
-            self._record_pause()
-        elif change == "resumed":
-            log.info("submits.resumed")
-            self._record_pause()
-        elif change == "rate_limited":
-            log.warning("submits.rate_limited", detail=detail, in_flight_limit=gate.limit,
-                        max_in_flight=self.max_in_flight)
-        elif change == "all_rejected":
-            log.error("submits.all_rejected", rejected_in_a_row=gate.rejected_in_a_row, last_error=detail,
-                      hint="every recent file was refused as a bad request: the configuration is likely at "
-                           "fault (restore parameters, api.base_url); fix it, then `codeformer-daemon retry --all`")
-
-    def _fix_for(self, reason: str | None) -> str:
-        if reason == NO_BALANCE:
-            return "top up the provider wallet; submits resume by themselves"
-        source = self.ctx.api.key_source
-        if "environment" in source:
-            return f"put a valid key in {source} and restart the daemon; the key is also re-checked by itself"
-        if "credential" in source:  # systemd copies credentials only when the service starts
-            return ("put a valid key in the file the unit's LoadCredential=api_key:… names (e.g. "
-                    "/etc/codeformer-daemon/api_key), then systemctl restart codeformer-daemon; "
-                    "the key is also re-checked by itself")
-        return (f"put a valid key in {source}, then reload (systemctl reload codeformer-daemon, or send "
-                "SIGHUP); the key is also re-checked by itself")
-
-    def _record_pause(self) -> None:
-        """Keep `status` (the journal's "paused") on why submits wait: the provider's refusal first (it
-        needs a fix), else a budget limit reached (it lifts by itself)."""
-        self.ctx.journal.set_meta("paused", self.gate.reason or self.spending.pause)
-
     def _on_poll(self, outcome: stages.StageOutcome, now: float) -> None:
         answer = outcome.poll
         self.ctx.metrics.poll_answered(answer.verdict)
         if answer.verdict is PollVerdict.AUTH:
-            change = self.gate.on_key_rejected_by_poll(answer.message, now)
-            self._announce(change, answer.message)
-            self._share_gate()
+            self.pauses.heard_poll_rejecting_the_key(answer, now)
         elif answer.http_status == 200:
-            change = self.gate.on_key_accepted_by_poll()
-            self._announce(change, "")
-            if change is not None:
-                self._share_gate()
+            self.pauses.heard_poll_accepting_the_key()
         if self.polls.heard(outcome.job_id, answer, now, self.ctx.wall()):
             log.warning("webhook.not_arriving", job_id=outcome.job_id,
                         detail="a job finished without its webhook call (is hosting.builtin.public_url reachable "
@@ -391,28 +336,11 @@ class Scheduler:
         if now < self._next_retry_check:  # asked for from another process: looked for once a second
             return
         self._next_retry_check = now + RETRY_CHECK_SECONDS
-        self._follow_person_pause()
-        self._follow_fleet()
+        self.pauses.follow_person()
+        self.pauses.follow_fleet()
         if self.stop_requested or not self.watcher.available:
             return
         retry.take_requests(self.ctx.journal, self.ctx.inbox)
-
-    paused_by_person = False
-    """A person paused submits (`codeformer-daemon pause`, the dashboard): read from the journal
-    once a second, with the retry requests. Jobs already at the provider finish meanwhile."""
-
-    def _follow_person_pause(self) -> None:
-        paused = control.paused_by_person_since(self.ctx.journal) is not None
-        if paused == self.paused_by_person:
-            return
-        self.paused_by_person = paused
-        if paused:
-            log.warning("submits.paused", reason=control.PAUSED_BY_PERSON,
-                        detail="no new submits until resumed; jobs already at the provider finish",
-                        fix="codeformer-daemon resume, or Resume on the dashboard")
-        else:
-            log.info("submits.resumed", by="a person")
-            self.wake.set()
 
     def take_new_files(self) -> None:
         """Settled files from the watcher become PENDING jobs, each with the settings of its folder
@@ -481,7 +409,7 @@ class Scheduler:
         """Fill free slots with the oldest pending jobs whose backoff has passed."""
         if not self.watcher.available:  # their files cannot be read: they wait, nothing is dropped
             return
-        if self.paused_by_person:
+        if self.pauses.by_person:
             return
         if self.stop_requested:
             return
@@ -500,7 +428,7 @@ class Scheduler:
         now_wall, running = self.ctx.wall(), list(self._running)
         ready = journal.next_pending(limit=free, due_by=now_wall, exclude=running)
         if ready:  # another station's 402 of a moment ago holds this one too
-            self._follow_fleet()
+            self.pauses.follow_fleet()
         allowed = self.gate.allowed(self.clock(), min(free, len(ready))) if ready else 0
         launched = 0
         try:
@@ -583,10 +511,7 @@ class Scheduler:
             self.fleet.renew_if_due(now)
             for job in self.fleet.take_over_if_due(now, self.outage.ended_at):
                 self._dispatch(job, "takeover", recovery.carry_on)
-        if self.gate.reminder_due(now):
-            log.error("submits.still_paused", reason=self.gate.reason, detail=self.gate.detail,
-                      paused_for=round(now - self.gate.paused_since), next_probe_in=round(max(0.0, self.gate.until - now), 1),
-                      waiting=self.ctx.journal.count_in(JobState.PENDING), fix=self._fix_for(self.gate.reason))
+        self.pauses.remind_if_due(now)
         if now >= self._next_preview_sweep:
             self._next_preview_sweep = now + PREVIEW_SWEEP_SECONDS
             self._sweep_previews()
@@ -628,10 +553,10 @@ class Scheduler:
         """What the daemon is doing, in one line: "3 in flight, 12 queued, paused: insufficient balance"."""
         journal = self.ctx.journal
         parts = [f"{journal.count_in(*IN_FLIGHT_STATES)} in flight", f"{journal.count_in(JobState.PENDING)} queued"]
-        if self.paused_by_person:
+        if self.pauses.by_person:
             parts.append(f"paused: {control.PAUSED_BY_PERSON}")
-        elif self.gate.reason or self.spending.pause:
-            parts.append(f"paused: {self.gate.reason or self.spending.pause}")
+        elif self.pauses.reason:
+            parts.append(f"paused: {self.pauses.reason}")
         if self.watcher.unavailable_reason:
             parts.append(f"inbox unavailable: {self.watcher.unavailable_reason}")
         return ", ".join(parts)

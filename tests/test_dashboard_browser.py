@@ -125,7 +125,7 @@ def test_pause_stops_new_submits_until_resume(folders, emulator, dashboard):
         driver.get(url + "/")
         click(driver, "#pause-switch")
         wait_for(lambda: "paused by a person" in text_of(driver, "#paused-reason"), 10, what="the pause shown")
-        wait_for(lambda: daemon.service.scheduler.paused_by_person, 10, what="the daemon following the pause")
+        wait_for(lambda: daemon.service.scheduler.pauses.by_person, 10, what="the daemon following the pause")
         drop_scan(folders, "waits.jpg", size=(96, 128))
         wait_for(lambda: daemon.service.journal.count_in(JobState.PENDING) == 1, 10, what="the file taken")
         daemon.wait_for_passes(1.5)
