@@ -20,11 +20,17 @@ polled about once.
 
     .venv/bin/python benchmarks/throughput.py [--files 64] [--size 320x240] [--repeat 3] [--json]
     .venv/bin/python benchmarks/throughput.py --compare-sizes    # 320x240 and 640x480, side by side
+    .venv/bin/python benchmarks/throughput.py --postgresql "host=127.0.0.1 port=5432 user=codeformer dbname=postgres"
+
+With --postgresql, the daemon keeps its journal in PostgreSQL (the fleet mode, one station) instead of
+SQLite: each run creates a database of its own through the DSN given (whose user may create databases;
+no password in it: PGPASSFILE), and drops it afterwards. The database server's CPU is not counted.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -36,6 +42,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -95,6 +103,8 @@ class RunResult:
     daemon_peak_rss_mib: float
     daemon_exit_code: int | None
     daemon_stop_seconds: float
+    journal: str
+    """Where the daemon said it keeps its journal (a file, or a PostgreSQL DSN)."""
     drop_seconds: float
     breakdown: dict[str, Any]
 
@@ -143,7 +153,7 @@ def station_folders(root: Path) -> dict[str, Any]:
             "state_dir": str(folders["state"])}
 
 
-def write_config(root: Path, emulator: GatewayEmulator, args: argparse.Namespace) -> Path:
+def write_config(root: Path, emulator: GatewayEmulator, args: argparse.Namespace, journal_dsn: str | None) -> Path:
     config = {
         **station_folders(root),
         "api": {"base_url": emulator.base_url, "status_url": emulator.status_url,
@@ -153,9 +163,31 @@ def write_config(root: Path, emulator: GatewayEmulator, args: argparse.Namespace
         "watch": {"settle_seconds": 0.2, "rescan_seconds": 30},
         "logging": {"format": "json", "level": "info"},
     }
+    if journal_dsn is not None:
+        config["state"] = {"backend": "postgresql", "postgresql": {"dsn": journal_dsn}}
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return path
+
+
+@contextlib.contextmanager
+def run_database(server_dsn: str | None) -> Iterator[str | None]:
+    """A new, empty PostgreSQL database on the server `server_dsn` reaches, for one run; its DSN. Dropped
+    afterwards. None (SQLite) without a server."""
+    if server_dsn is None:
+        yield None
+        return
+    import psycopg
+    from psycopg import conninfo, sql
+
+    name = f"codeformer_throughput_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_dsn, autocommit=True, connect_timeout=10) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield conninfo.make_conninfo(server_dsn, dbname=name)
+    finally:
+        with psycopg.connect(server_dsn, autocommit=True, connect_timeout=10) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 def loopback_only_env(api_key: str) -> dict[str, str]:
@@ -195,11 +227,13 @@ def log_tail(log_path: Path, lines: int = 15) -> str:
         return "(no log)"
 
 
-def wait_for_ready(daemon: subprocess.Popen, log_path: Path) -> None:
+def wait_for_ready(daemon: subprocess.Popen, log_path: Path) -> dict[str, Any]:
+    """The daemon's `daemon.ready` line, once it is logged."""
     deadline = time.monotonic() + READY_TIMEOUT
     while time.monotonic() < deadline:
-        if any(e.get("event") == "daemon.ready" for e in read_log(log_path)):
-            return
+        ready = [e for e in read_log(log_path) if e.get("event") == "daemon.ready"]
+        if ready:
+            return ready[0]
         if daemon.poll() is not None:
             raise BenchmarkError(f"the daemon exited with {daemon.returncode} before it was ready:\n"
                                  + log_tail(log_path))
@@ -373,43 +407,44 @@ def run_once(args: argparse.Namespace, size: tuple[int, int], image_work: float)
     root = Path(tempfile.mkdtemp(prefix="codeformer-throughput-"))
     emulator = GatewayEmulator(f"{LOOPBACK}:0", latency=args.latency, max_concurrent=PROVIDER_SLOTS)
     daemon: subprocess.Popen | None = None
-    try:
-        emulator.start()
-        config_path = write_config(root, emulator, args)
-        folders = {name: root / name for name in ("inbox", "outbox", "failed")}
-        log_path = root / "daemon.log"
-        scans = make_scans(root / "to-drop", args.files, size)
-        daemon = start_daemon(config_path, log_path, emulator.api_key)
-        wait_for_ready(daemon, log_path)
+    with run_database(args.postgresql) as journal_dsn:  # dropped once the daemon is gone
+        try:
+            emulator.start()
+            config_path = write_config(root, emulator, args, journal_dsn)
+            folders = {name: root / name for name in ("inbox", "outbox", "failed")}
+            log_path = root / "daemon.log"
+            scans = make_scans(root / "to-drop", args.files, size)
+            daemon = start_daemon(config_path, log_path, emulator.api_key)
+            journal = wait_for_ready(daemon, log_path)["journal"]
 
-        cpu_at_drop = cpu_seconds(daemon.pid)  # start-up is not the files' work
-        t0, t0_wall, drop_seconds = drop_all(scans, folders["inbox"])
-        t1 = wait_for_outputs(daemon, folders, args.files, log_path)
-        wall = t1 - t0
-        cpu, rss = cpu_seconds(daemon.pid) - cpu_at_drop, peak_rss_mib(daemon.pid)
-        exit_code, stop_seconds = stop_daemon(daemon)
+            cpu_at_drop = cpu_seconds(daemon.pid)  # start-up is not the files' work
+            t0, t0_wall, drop_seconds = drop_all(scans, folders["inbox"])
+            t1 = wait_for_outputs(daemon, folders, args.files, log_path)
+            wall = t1 - t0
+            cpu, rss = cpu_seconds(daemon.pid) - cpu_at_drop, peak_rss_mib(daemon.pid)
+            exit_code, stop_seconds = stop_daemon(daemon)
 
-        stats = emulator.stats()
-        slots = min(args.max_in_flight, PROVIDER_SLOTS)
-        ideal = math.ceil(args.files / slots) * args.latency
-        return RunResult(
-            size=size_text(size), files=args.files, wall_seconds=round(wall, 3), ideal_seconds=round(ideal, 3),
-            ratio=round(ideal / wall, 3), polls_per_job=round(stats["polls"] / args.files, 2),
-            submits_accepted=stats["submits_accepted"],
-            daemon_cpu_seconds_per_file=round(cpu / args.files, 4), daemon_startup_cpu_seconds=round(cpu_at_drop, 3),
-            image_work_cpu_seconds_per_file=image_work,
-            daemon_other_cpu_seconds_per_file=round(round(cpu / args.files, 4) - image_work, 4),  # the figures shown
-            daemon_peak_rss_mib=round(rss, 1),
-            daemon_exit_code=exit_code, daemon_stop_seconds=round(stop_seconds, 3),
-            drop_seconds=round(drop_seconds, 4),
-            breakdown=breakdown(read_log(log_path), stats["jobs"], t0_wall, t0_wall + wall, slots, args.latency),
-        )
-    finally:
-        if daemon is not None and daemon.poll() is None:
-            daemon.kill()
-            daemon.wait()
-        emulator.stop()
-        shutil.rmtree(root, ignore_errors=True)
+            stats = emulator.stats()
+            slots = min(args.max_in_flight, PROVIDER_SLOTS)
+            ideal = math.ceil(args.files / slots) * args.latency
+            return RunResult(
+                size=size_text(size), files=args.files, wall_seconds=round(wall, 3), ideal_seconds=round(ideal, 3),
+                ratio=round(ideal / wall, 3), polls_per_job=round(stats["polls"] / args.files, 2),
+                submits_accepted=stats["submits_accepted"],
+                daemon_cpu_seconds_per_file=round(cpu / args.files, 4), daemon_startup_cpu_seconds=round(cpu_at_drop, 3),
+                image_work_cpu_seconds_per_file=image_work,
+                daemon_other_cpu_seconds_per_file=round(round(cpu / args.files, 4) - image_work, 4),  # the figures shown
+                daemon_peak_rss_mib=round(rss, 1),
+                daemon_exit_code=exit_code, daemon_stop_seconds=round(stop_seconds, 3),
+                drop_seconds=round(drop_seconds, 4), journal=journal,
+                breakdown=breakdown(read_log(log_path), stats["jobs"], t0_wall, t0_wall + wall, slots, args.latency),
+            )
+        finally:
+            if daemon is not None and daemon.poll() is None:
+                daemon.kill()
+                daemon.wait()
+            emulator.stop()
+            shutil.rmtree(root, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- reporting
@@ -445,6 +480,7 @@ def render(result: RunResult, label: str) -> str:
     cpu = result.daemon_cpu_seconds_per_file
     rows = [
         ("files", f"{result.files}, {result.size} JPEG"),
+        ("journal", result.journal),
         ("wall, first drop -> last output", f"{result.wall_seconds:.3f} s"),
         ("ideal, ceil(files/slots) x latency", f"{result.ideal_seconds:.3f} s"),
         ("ratio, ideal / wall", f"{result.ratio:.3f}  (target >= {TARGET_RATIO:.2f}: "
@@ -486,6 +522,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--compare-sizes", action="store_true",
                         help="run at " + " and ".join(size_text(s) for s in COMPARE_SIZES)
                              + " (--repeat each) and show them side by side; --size is ignored")
+    parser.add_argument("--postgresql", metavar="DSN",
+                        help="keep the journal in PostgreSQL: a database per run is made on the server this "
+                             "DSN reaches (default: SQLite)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = parser.parse_args(argv)
     for name in ("files", "max_in_flight", "repeat"):
@@ -569,6 +608,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps({
             "settings": {"files": args.files, "latency": args.latency, "max_in_flight": args.max_in_flight,
+                         "journal": "postgresql" if args.postgresql else "sqlite",
                          "poll_interval": args.poll_interval, "provider_slots": PROVIDER_SLOTS,
                          "sizes": [size_text(s) for s in sizes], "headline_size": size_text(sizes[0]),
                          "target_ratio": TARGET_RATIO,

@@ -207,7 +207,7 @@ class Service:
         self.journal.set_meta("pid", str(os.getpid()))
         self.dashboard = self._start_dashboard(dashboard_token)
         log.info("daemon.ready", version=__version__, inbox=str(config.folders.inbox),
-                 outbox=str(config.folders.outbox), adapter=self.host.name,
+                 outbox=str(config.folders.outbox), adapter=self.host.name, journal=str(self.journal.store),
                  max_in_flight=config.api.max_in_flight, restore=config.restore.as_request())
 
     def _start_dashboard(self, token: Secret | None) -> DashboardServer | None:

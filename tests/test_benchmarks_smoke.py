@@ -47,6 +47,20 @@ def test_throughput_reports_cpu_from_the_drop_and_the_image_work() -> None:
     assert report["by_size"]["320x240"]["image_work"]["cpu_seconds_per_file"] == run["image_work_cpu_seconds_per_file"]
 
 
+def test_throughput_runs_with_the_journal_in_postgresql(postgres_dsn: str) -> None:
+    """The same measurement with the fleet's journal: a database of its own per run, dropped afterwards."""
+    import psycopg
+
+    report = run_benchmark("throughput.py", "--files", "8", "--latency", "0.2", "--postgresql", postgres_dsn)
+    (run,) = report["runs"]
+    assert report["settings"]["journal"] == "postgresql"
+    assert "dbname=codeformer_throughput_" in run["journal"], run["journal"]  # what the daemon said it used
+    assert run["submits_accepted"] == 8 and is_number(run["daemon_cpu_seconds_per_file"])
+    with psycopg.connect(postgres_dsn) as conn:
+        left = conn.execute("SELECT datname FROM pg_database WHERE datname LIKE 'codeformer_throughput_%'").fetchall()
+    assert left == []
+
+
 def test_backlog_delivers_every_file_present_at_start() -> None:
     report = run_benchmark("backlog.py", "--files", "40", "--until", "delivered", "--timeout", "120")
     result = report["result"]
