@@ -258,8 +258,11 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         done = Run(root, daemon, emulator, good, inodes={rel: ino for rel, (ino, _) in dropped.items()},
                    behind={rel: behind for rel, (_, behind) in dropped.items()})
         # No pytest.fail on a timeout: each test then reports which outcome is missing.
+        # Outputs and error records come first; the originals' archiving and `job.failed` just after.
         wait_until(lambda: all((root / "outbox" / rel).with_suffix(".png").exists() for rel in good)
-                   and all(error_record(root, bad.rel_path).exists() for bad in BAD_INPUTS), timeout=30)
+                   and all(error_record(root, bad.rel_path).exists() for bad in BAD_INPUTS)
+                   and all((root / "archive" / rel).exists() for rel in good)
+                   and sum(e.get("event") == "job.failed" for e in daemon.events()) >= len(BAD_INPUTS), timeout=30)
         yield done
     finally:
         if daemon is not None:

@@ -45,7 +45,8 @@ def test_a_person_pauses_submits_and_resumes_them(folders, emulator, tmp_path, r
     report = status_json(config_path, capsys)
     assert report["paused"] is None and report["paused_by_person_since"] is None
     assert report["submits_today"] == 2 == report["submits_this_month"]
-    assert daemon.service.journal.count_in(JobState.DONE) == 2
+    # The output is placed before the original is archived and the job marked done.
+    wait_for(lambda: daemon.service.journal.count_in(JobState.DONE) == 2, 10, what="both jobs done")
 
 
 def test_resume_leaves_a_pause_the_daemon_made_itself(folders, emulator, tmp_path, run_daemon, make_config, capsys):

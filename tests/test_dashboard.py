@@ -148,7 +148,8 @@ def test_a_failed_file_is_retried_from_the_dashboard_and_restored(folders, emula
     daemon, url = open_dashboard
     emulator.inject("outcome_failed")
     drop_scan(folders, "face.jpg")
-    wait_for(lambda: (folders["failed"] / "face.jpg").exists(), 30, what="the file in failed/")
+    # The original reaches failed/ first; the job is FAILED (and on the page) once its record is written.
+    wait_for(lambda: daemon.service.journal.jobs_in(JobState.FAILED), 30, what="the job failed")
     session = requests.Session()
     page = session.get(url + "/failed")
     assert "face.jpg" in page.text and "provider_failed" in page.text

@@ -304,6 +304,8 @@ def test_an_empty_wallet_heard_by_one_station_pauses_every_station(tmp_path, fol
         time.sleep(1.5)
         assert journal.counts_by_state() == {"pending": 5}
     assert emulator.stats()["submits_accepted"] == 0
+    refusals = emulator.stats()["rejected"].get("402", 0)
+    assert refusals <= 2  # the first refusal, perhaps one probe: the follower sent none
 
     # A station stopping for the night takes nothing of the fleet's pause with it: `status` still says it.
     follower_station = next(s for s, heard in zip(stations, heard_from_fleet) if heard)
@@ -316,7 +318,7 @@ def test_an_empty_wallet_heard_by_one_station_pauses_every_station(tmp_path, fol
     refused_station = next(s for s, heard in zip(stations, heard_from_fleet) if not heard)
     wait_for(lambda: named(refused_station.events(), "submits.resumed"), 10, what="the station resumed")
     assert sorted(emulator.submits_by_content().values()) == [1] * 5
-    assert emulator.stats()["rejected"].get("402", 0) <= 2  # the first refusal, perhaps one probe
+    assert emulator.stats()["rejected"].get("402", 0) <= refusals + 1  # perhaps one more probe before the top-up
     assert "paused" not in fleet_status(tmp_path, "left")
 
 
@@ -423,9 +425,9 @@ def test_a_built_in_host_job_its_station_took_down_goes_back_to_wait(tmp_path, f
     east_token = wait_for(lambda: run_token(journal, "east"), 10, what="east's run in the journal")
     [job_id] = wait_for(lambda: held_jobs(journal, JobState.SUBMITTED, east_token), 20,
                         what="the job at the provider, held by east")
+    east.kill()  # before west starts, however slowly: the provider must find east's host gone
     west = stations.start(fleet_config(tmp_path, folders, emulator, postgres_dsn, "west"), "west")
     west.wait_ready()
-    east.kill()
     wait_for(lambda: output_for(folders, "fragile.jpg").exists(), 60, what="restored by west")
     assert not list(folders["failed"].rglob("*.error.json"))
     waits = [h for h in journal.history(job_id) if h["from_state"] == "submitted" and h["to_state"] == "pending"]

@@ -94,7 +94,7 @@ def settled(read, timeout: float = 30.0):
 
 def test_metrics_match_status_json_and_the_emulator(tmp_path, folders, emulator, make_config, run_daemon):
     emulator.balance = 3  # three submits paid for, then an empty wallet
-    emulator.latency = 2.0  # long enough to look at the three while the provider holds them
+    emulator.latency = 4.0  # long enough to look at the three while the provider holds them, even on a loaded machine
     emulator.inject("outcome_failed")  # one of the three fails at the provider
     config_path = write_config(tmp_path / "config.yaml", config_mapping(folders, emulator))
     daemon = run_daemon(make_config())

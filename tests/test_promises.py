@@ -140,12 +140,13 @@ def test_a_job_whose_polls_get_no_answer_at_all_is_never_given_up(
                               "connect_timeout": 0.2})
     daemon = run_daemon(config)
     make_photo(folders["inbox"] / "a.jpg", 200, 150, seed=6, format="JPEG")
-    wait_for(lambda: emulator.stats()["submits_accepted"] == 1, 10, what="the submit")
-    status_before = emulator.stats()["polls"]
     ctx = daemon.service.scheduler.ctx
+    # The emulator counts the submit before it answers; the job is SUBMITTED once the answer is recorded.
+    [job] = wait_for(lambda: ctx.journal.jobs_in(JobState.SUBMITTED), 10, what="the submit recorded")
     ctx.api.config = type(ctx.api.config)(**{**ctx.api.config.__dict__, "status_url": "http://127.0.0.1:9"})
-    job = ctx.journal.jobs_in(JobState.SUBMITTED)[0]
     ctx.journal.update(job, polling_url="http://127.0.0.1:9/v2/requests/status/x")  # nothing listens there
+    daemon.wait_for_passes(0.5)  # a poll sent before the move has its answer by now
+    status_before = emulator.stats()["polls"]
     deadline = time.monotonic() + 3.0
     while time.monotonic() < deadline:
         assert ctx.journal.get(job.id).state is JobState.SUBMITTED
