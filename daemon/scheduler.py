@@ -8,7 +8,6 @@ Every job in flight is polled on its own clock; no thread is parked per job. At 
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import signal
@@ -20,13 +19,14 @@ from dataclasses import dataclass
 
 import structlog
 
-from . import control, fleet, previews, recovery, retry, stages
+from . import control, fleet, previews, recovery, stages
 from .api import PollVerdict, SubmitVerdict
-from .jobs import FINAL_STATES, IN_FLIGHT_STATES, Charge, Job, JobState, NewJob, StaleTransition
+from .jobs import FINAL_STATES, IN_FLIGHT_STATES, Charge, Job, JobState, StaleTransition
 from .journal import StorageUnavailable, heartbeat_file
+from .intake import Intake
 from .pacing import PollPlan, full_jitter, overdue_reason
 from .pauses import Pauses
-from .profiles import HELD_RETRY_SECONDS, SETTINGS_META, FolderSettings, Held
+from .profiles import SETTINGS_META
 from .watcher import InboxWatcher
 
 log = structlog.get_logger("daemon.scheduler")
@@ -47,9 +47,6 @@ as often). Signals wake it at once (`wake_on_signals`), and everything else that
 event, a finished stage, a webhook) sets `wake`: this only bounds how stale the loop may look to
 the systemd watchdog."""
 
-NEW_FILES_PER_PASS = 500
-"""Settled files journalled per pass, in one transaction: a backlog of thousands is taken in steps,
-with submits starting between them, instead of one long pass before the first submit."""
 
 FINISHING_PER_PASS = 64
 """Downloads, deliveries and failures started per pass (each is one pool task)."""
@@ -145,8 +142,8 @@ class Scheduler:
         ctx.poll_now = self.poll_now
         ctx.metrics.follow_in_flight_limit(lambda: self.gate.limit)
         self._poll_requests: queue.SimpleQueue[int] = queue.SimpleQueue()
-        self.folder_settings = FolderSettings(ctx.inbox, ctx.wall)
-        """The settings each new file is taken with: profiles and the folders' codeformer.yaml files."""
+        self.intake = Intake(ctx, watcher, clock)
+        """New files and retried ones into the journal, with the inbox's health for `status`."""
         self.outage = fleet.Outage(clock)
         """Whether the journal's database can be reached, said once when that changes."""
 
@@ -298,19 +295,11 @@ class Scheduler:
                         detail="a job finished without its webhook call (is hosting.builtin.public_url reachable "
                                "from the provider?); polling every job at api.poll_interval until a call arrives")
 
-    _inbox_state_recorded: str | None = "(nothing recorded yet)"
-    """What `watch_inbox` last wrote for `status`; this class default makes the first pass write it."""
-
     def watch_inbox(self) -> None:
-        """Keep the watcher watching (a dead observer, a vanished inbox) and record the inbox's state."""
-        self.watcher.check_health()
-        self.ctx.watched_inbox = self.watcher.identity
-        reason = self.ctx.inbox_unavailable = self.watcher.unavailable_reason
-        if reason != self._inbox_state_recorded:
-            self.ctx.journal.note_inbox(reason)
-            self._inbox_state_recorded = reason
-            if reason is None:
-                self._retry_jobs_held_by_the_inbox()
+        """Keep the watcher watching and the inbox's state recorded; when the inbox is back, the jobs
+        that waited for it go on at once."""
+        if self.intake.watch_inbox():
+            self._retry_jobs_held_by_the_inbox()
 
     def _retry_jobs_held_by_the_inbox(self) -> None:
         """The inbox is back: jobs that waited for it go on now rather than after their backoff."""
@@ -326,64 +315,23 @@ class Scheduler:
                     pass  # a stage moved it meanwhile: it is going on anyway
 
     def take_retry_requests(self) -> None:
-        """Failed files that `codeformer-daemon retry` asked for go back into the inbox as pending jobs,
-        and a person's pause or resume takes effect.
-
-        Done here, on the loop's own thread before `take_new_files`, so the watcher never sees a
-        returned file without its job.
+        """Once a second: failed files that `codeformer-daemon retry` asked for go back into the inbox
+        as pending jobs, and a person's pause, or the fleet's, takes effect (all asked for from other
+        processes). Done before `take_new_files`, so the watcher never sees a returned file without its job.
         """
         now = self.clock()
-        if now < self._next_retry_check:  # asked for from another process: looked for once a second
+        if now < self._next_retry_check:
             return
         self._next_retry_check = now + RETRY_CHECK_SECONDS
         self.pauses.follow_person()
         self.pauses.follow_fleet()
-        if self.stop_requested or not self.watcher.available:
-            return
-        retry.take_requests(self.ctx.journal, self.ctx.inbox)
+        if not self.stop_requested:
+            self.intake.take_retry_requests()
 
     def take_new_files(self) -> None:
-        """Settled files from the watcher become PENDING jobs, each with the settings of its folder
-        (daemon.profiles) as they are now; a file whose folder settings file is invalid waits."""
-        if self.stop_requested:
-            return
-        journal = self.ctx.journal
-        sightings = self.watcher.take_settled(journal.active_jobs_for, limit=NEW_FILES_PER_PASS)
-        if self.fleet is not None and sightings:
-            # Another station may have restored and archived a file since this one saw it settle (a
-            # restart's first scan lags behind the share): a file no longer there is not taken.
-            sightings = [s for s in sightings if os.path.lexists(self.ctx.inbox / s.rel_path)]
-        settings = self.folder_settings.settings_for(self.ctx.config, [s.rel_path for s in sightings])
-        self._follow_folder_settings()
-        held = [s for s in sightings if isinstance(settings[s.rel_path], Held)]
-        if held:
-            self.watcher.hold_back(held)
-        taken = [(s, settings[s.rel_path]) for s in sightings if not isinstance(settings[s.rel_path], Held)]
-        if not taken:
-            return
-        waited = {s.rel_path: s.waited for s, _ in taken}
-        added = journal.add_jobs([NewJob(s.rel_path, s.size, s.mtime_ns, chosen.params, chosen.profile, chosen.output)
-                                  for s, chosen in taken])
-        self.ctx.metrics.detected(len(added))
-        for job in added:
-            log.info("file.detected", rel_path=job.rel_path, job_id=job.id, size=job.size,
-                     settle_wait=round(waited[job.rel_path], 3), profile=job.profile)
-
-    _settings_recorded: dict[str, str] | None = None
-    """What `_follow_folder_settings` last wrote for `status`; None makes the first pass write it."""
-    _next_settings_check = 0.0
-
-    def _follow_folder_settings(self) -> None:
-        """Keep `status` on the folder settings files that hold files back, and notice a fixed or
-        removed one even when no file of its folder comes by (read again every few seconds)."""
-        folder_settings, now = self.folder_settings, self.clock()
-        if folder_settings.problems and now >= self._next_settings_check and self.watcher.available:
-            self._next_settings_check = now + HELD_RETRY_SECONDS
-            folder_settings.recheck(self.ctx.config)
-        if folder_settings.problems != self._settings_recorded:
-            problems = dict(folder_settings.problems)
-            self.ctx.journal.set_meta(SETTINGS_META, json.dumps(problems, sort_keys=True) if problems else None)
-            self._settings_recorded = problems
+        """Settled files from the watcher become PENDING jobs (see `Intake.take_new_files`)."""
+        if not self.stop_requested:
+            self.intake.take_new_files()
 
     def fail_overdue_jobs(self) -> None:
         """Jobs the provider has held, or not answered for usably, longer than api.job_timeout go to failed/.
