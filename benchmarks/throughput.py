@@ -185,8 +185,9 @@ def run_database(server_dsn: str | None) -> Iterator[str | None]:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     try:
         yield conninfo.make_conninfo(server_dsn, dbname=name)
-    finally:
-        with psycopg.connect(server_dsn, autocommit=True, connect_timeout=10) as conn:
+    finally:  # WITH (FORCE): PostgreSQL 13 or later; a run's own failure is not hidden by this one's
+        with contextlib.suppress(psycopg.Error), \
+                psycopg.connect(server_dsn, autocommit=True, connect_timeout=10) as conn:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
@@ -404,10 +405,10 @@ def run_once(args: argparse.Namespace, size: tuple[int, int], image_work: float)
 
     `image_work` is the output pipeline's CPU seconds per file for this size (`measure_image_work`).
     """
-    root = Path(tempfile.mkdtemp(prefix="codeformer-throughput-"))
-    emulator = GatewayEmulator(f"{LOOPBACK}:0", latency=args.latency, max_concurrent=PROVIDER_SLOTS)
-    daemon: subprocess.Popen | None = None
     with run_database(args.postgresql) as journal_dsn:  # dropped once the daemon is gone
+        root = Path(tempfile.mkdtemp(prefix="codeformer-throughput-"))
+        emulator = GatewayEmulator(f"{LOOPBACK}:0", latency=args.latency, max_concurrent=PROVIDER_SLOTS)
+        daemon: subprocess.Popen | None = None
         try:
             emulator.start()
             config_path = write_config(root, emulator, args, journal_dsn)

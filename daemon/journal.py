@@ -211,9 +211,9 @@ class Journal:
                          f"AND lease_until > {self.store.now_sql}", (self.token or "",))[0] == 0
 
     def note_inbox(self, reason: str | None) -> None:
-        """Record for `status` why this run cannot read its inbox (None: it can again). A fact of this
-        run's alone: in a fleet each station mounts the share itself, and one losing it says nothing of
-        the others."""
+        """Record for `status` why this run cannot read its inbox (None: it can again). It is kept on this
+        run's own row: in a fleet each station mounts the share itself, and one station losing it says
+        nothing of the others."""
         if self.token is None:
             return
         with self.transaction() as cur:

@@ -3,8 +3,9 @@
 Four things hold submits back, each with its own way of ending: the provider's refusals (an empty
 wallet, a rejected key, a 429's hold; `pacing.SubmitGate` decides when to probe), the same refusals
 heard by another daemon of the fleet, a person's pause, and a budget limit reached. The scheduler
-tells `Pauses` what each answer said and asks it whether a submit may go; this module says what
-changed, what fixes it, and keeps the journal's record of it (what `status` shows) in step.
+tells `Pauses` what each answer said, and reads the gate, the budget and `by_person` before it
+claims work; this module says what changed, what fixes it, and keeps the journal's record of it
+(what `status` shows) in step.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .pacing import NO_BALANCE, SubmitGate
 from .spending import SpendingLimit
 
 log = structlog.get_logger("daemon.pauses")
+
 
 class Pauses:
     """The provider's gate, the fleet's shared refusals, a person's pause and the budget's limits."""
@@ -51,6 +53,7 @@ class Pauses:
     # ------------------------------------------------------------------ what the provider said
 
     def heard_submit(self, answer: SubmitAnswer, now: float, sent_at: float | None) -> None:
+        """A submit's answer: a refusal may pause submits (and the fleet), an acceptance resume them."""
         change = self.gate.on_submit(answer, now, sent_at)
         self._announce(change, answer.message)
         if change is not None or answer.verdict in (SubmitVerdict.NO_BALANCE, SubmitVerdict.AUTH) \
@@ -58,10 +61,12 @@ class Pauses:
             self._share()
 
     def heard_poll_rejecting_the_key(self, answer: PollAnswer, now: float) -> None:
+        """A poll refused for the key: no submit would be accepted either."""
         self._announce(self.gate.on_key_rejected_by_poll(answer.message, now), answer.message)
         self._share()
 
     def heard_poll_accepting_the_key(self) -> None:
+        """A poll answered: the key works again (a pause for it ends without waiting for a probe)."""
         change = self.gate.on_key_accepted_by_poll()
         self._announce(change, "")
         if change is not None:

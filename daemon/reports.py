@@ -57,15 +57,15 @@ def journal_summary(journal: Journal, now: float, recent_failures: int = 10) -> 
 
 
 def inbox_unavailable(journal: Journal) -> str | None:
-    """Why the running daemon cannot read its inbox, None if it can. In a fleet each station mounts
-    the share itself, so each one that cannot is named with its reason."""
+    """Why the daemon cannot read its inbox, None if it can. On SQLite that is the newest run's word
+    (its lease is never renewed: the lock file, not a lease, keeps it alone). In a fleet each station
+    mounts the share itself, so each running one that cannot is named with its reason."""
+    if not journal.store.shared:
+        rows = journal.read("SELECT inbox_unavailable FROM nodes ORDER BY started_at DESC LIMIT 1")
+        return rows[0]["inbox_unavailable"] if rows else None
     rows = journal.read(f"SELECT name, inbox_unavailable FROM nodes WHERE inbox_unavailable IS NOT NULL "
                         f"AND left_at IS NULL AND lease_until > {journal.store.now_sql} ORDER BY name")
-    if not rows:
-        return None
-    if not journal.store.shared:
-        return rows[0]["inbox_unavailable"]
-    return "; ".join(f"on {r['name']}: {r['inbox_unavailable']}" for r in rows)
+    return "; ".join(f"on {r['name']}: {r['inbox_unavailable']}" for r in rows) or None
 
 
 FLEET_SHOWN_AFTER_LEAVING = 86400.0
@@ -79,8 +79,9 @@ def fleet(journal: Journal) -> list[dict[str, Any]]:
     return [{
         "node": n.name, "host": n.host, "pid": n.pid, "token": n.token,
         "heartbeat_age_seconds": round(now - n.heartbeat_at, 1),
-        "alive": n.lease_until > now and n.left_at is None,
-        "left": n.left_at is not None, "holding": n.holding, "inbox_unavailable": n.inbox_unavailable,
+        "alive": (alive := n.lease_until > now and n.left_at is None),
+        "left": n.left_at is not None, "holding": n.holding,
+        "inbox_unavailable": n.inbox_unavailable if alive else None,  # a stopped station's last word is stale
     } for n in journal.nodes() if n.lease_until > now - FLEET_SHOWN_AFTER_LEAVING or n.holding]
 
 

@@ -21,9 +21,9 @@ import structlog
 
 from . import control, fleet, previews, recovery, stages
 from .api import PollVerdict, SubmitVerdict
+from .intake import Intake
 from .jobs import FINAL_STATES, IN_FLIGHT_STATES, Charge, Job, JobState, StaleTransition
 from .journal import StorageUnavailable, heartbeat_file
-from .intake import Intake
 from .pacing import PollPlan, full_jitter, overdue_reason
 from .pauses import Pauses
 from .profiles import SETTINGS_META
@@ -153,6 +153,8 @@ class Scheduler:
         """Recover what a previous run left, then loop until `stop()`; clean-up in `finally`."""
         self.ctx.journal.start_heartbeat(heartbeat_file(self.ctx.config.state_dir))
         self.spending.record(self.ctx.config.budget)
+        if self.ctx.journal.alone():  # a pause left by daemons that stopped together is not this one's
+            self.pauses.record()
         self.recovering = True
         try:
             recovery.recover(self.ctx, progress=self._recovery_progress)
@@ -188,6 +190,7 @@ class Scheduler:
                 self.sleep_until_due()
         finally:
             try:
+                self.ctx.journal.note_inbox(None)  # this run's own word: `status` must not show a stale fact
                 if self.ctx.journal.alone():  # else the fleet's pause and settings problems hold on without it
                     self.ctx.journal.set_meta(control.DAEMON_PAUSE_META, None)
                     self.ctx.journal.set_meta(SETTINGS_META, None)

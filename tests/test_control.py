@@ -54,3 +54,22 @@ def test_resume_leaves_a_pause_the_daemon_made_itself(folders, emulator, tmp_pat
     run_daemon(make_config())
     assert main(["resume", "--config", str(config_path)]) == 0
     assert "not paused by a person" in capsys.readouterr().out
+
+
+def test_a_pause_left_by_a_daemon_that_was_killed_is_not_shown_once_another_starts(folders, emulator, make_config,
+                                                                                  run_daemon, capsys, tmp_path):
+    """A daemon killed while the wallet was empty leaves its word in the journal; the next one starts
+    with the wallet full: `status` must not say it is paused, and it is not."""
+    from daemon.control import DAEMON_PAUSE_META
+    from daemon.journal import Journal
+    from daemon.service import journal_path
+
+    config = make_config()
+    left_behind = Journal(journal_path(config))
+    left_behind.set_meta(DAEMON_PAUSE_META, "insufficient balance")
+    left_behind.close()
+    run_daemon(config)
+    config_path = write_config(tmp_path / "config.yaml", config_mapping(folders, emulator))
+    assert status_json(config_path, capsys)["paused"] is None
+    drop_scan(folders, "next.jpg", seed=3)
+    wait_for(lambda: (folders["outbox"] / "next.png").exists(), 30, what="the next file restored")

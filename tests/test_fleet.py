@@ -319,7 +319,7 @@ def test_an_empty_wallet_heard_by_one_station_pauses_every_station(tmp_path, fol
     wait_for(lambda: named(refused_station.events(), "submits.resumed"), 10, what="the station resumed")
     assert sorted(emulator.submits_by_content().values()) == [1] * 5
     assert emulator.stats()["rejected"].get("402", 0) <= refusals + 1  # perhaps one more probe before the top-up
-    assert "paused" not in fleet_status(tmp_path, "left")
+    wait_for(lambda: "paused" not in fleet_status(tmp_path, "left"), 10, what="status no longer paused")
 
 
 def fleet_status(tmp_path: Path, node: str) -> str:

@@ -64,8 +64,10 @@ def test_status_lists_the_fleet(tmp_path, postgres_dsn):
     running.transition(running.add_job("scan.jpg", 1, 1, {}), running.get(1).state.PUBLISHING)
     stopped.start_heartbeat(tmp_path / "south.heartbeat")  # written by each station as it starts: the last one's
     stopped.set_meta("pid", "4242")
+    stopped.note_inbox("share gone")  # its last word before it stopped: stale once it has
     stopped.leave()
     report = status_report(reader, 0.0)
+    assert report["inbox_unavailable"] is None and all(n["inbox_unavailable"] is None for n in report["fleet"])
     assert report["pid"] is None and report["heartbeat_age_seconds"] is None, "one station's, shown as the fleet's"
     assert sorted(n["pid"] for n in report["fleet"]) == [os.getpid()] * 2
     text = render_status(report)
@@ -146,14 +148,18 @@ def test_a_file_gone_from_the_shared_inbox_by_the_time_it_settled_is_not_taken(f
 @pytest.mark.parametrize("dsn", [
     "host=127.0.0.1 port={port} user=cf password=hunter22 connect_timeout=2",
     "postgresql://cf:hunter22@127.0.0.1:{port}/cf?connect_timeout=2",
+    "host=127.0.0.1 port={port} user=cf password='sesame hunter22' connect_timeout=2",
+    "host=127.0.0.1 port={port} user=cf sslpassword='sesame\\' hunter22' connect_timeout=2",  # the client key's
 ])
 def test_a_password_in_a_dsn_never_reaches_an_error_text(dsn):
-    """The configuration refuses such a DSN; the connector, given one anyway, never repeats the password."""
+    """The configuration refuses such a DSN; the connector, given one anyway, never repeats the password
+    (nor in `str()`, which the `daemon.ready` line shows)."""
     from daemon.storage import StorageUnavailable
 
     with pytest.raises(StorageUnavailable) as raised:
         PostgresConnector(dsn.format(port=free_port()))
-    assert "hunter22" not in str(raised.value) and "cannot reach the PostgreSQL journal" in str(raised.value)
+    assert "hunter" not in str(raised.value) and "cannot reach the PostgreSQL journal" in str(raised.value)
+    assert "connect_timeout=2" in str(raised.value)  # only the password is taken out
 
 
 def test_a_schema_1_fleet_database_is_migrated_in_place(postgres_dsn):
@@ -166,9 +172,11 @@ def test_a_schema_1_fleet_database_is_migrated_in_place(postgres_dsn):
     with psycopg.connect(postgres_dsn, autocommit=True) as conn:  # back to how schema 1 left it
         conn.execute("ALTER TABLE nodes DROP COLUMN inbox_unavailable")
         conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+        conn.execute("INSERT INTO meta(key, value) VALUES ('inbox_unavailable', 'one station''s share')")
     journal = Journal(PostgresConnector(postgres_dsn))
     try:
         assert journal.get_meta("schema_version") == "2"
+        assert journal.get_meta("inbox_unavailable") is None  # each station's own now, on its row
         [old_run] = journal.nodes()
         assert old_run.name == "north" and old_run.inbox_unavailable is None
         journal.join("south")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 
 import pytest
 
@@ -100,6 +101,31 @@ def test_newer_schema_is_refused(tmp_path):
         Journal(path)
 
 
+def test_a_reader_names_a_journal_of_another_release_rather_than_failing_on_a_column(tmp_path):
+    """`status` opens the journal read-only and never migrates it: between an upgrade and the daemon's
+    restart it says what to do instead of a traceback about a missing column."""
+    path = tmp_path / "journal.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(V1_SCHEMA)
+    db.close()
+    with pytest.raises(JournalError, match=f"schema version 1, older than this release's {SCHEMA_VERSION}: "
+                                           "start the daemon once"):
+        Journal(path, read_only=True)
+    Journal(path).close()  # the daemon's start upgrades it
+    Journal(path, read_only=True).close()
+
+
+def test_a_lone_daemons_lost_inbox_stays_in_status_however_long_it_runs(journal):
+    """On SQLite nobody renews the run's lease (the lock file keeps the daemon alone): what it said of
+    its inbox holds until it says otherwise."""
+    journal.join("solo", lease_seconds=0.1)
+    journal.note_inbox("share gone")
+    time.sleep(0.3)
+    assert reports.inbox_unavailable(journal) == "share gone"
+    journal.note_inbox(None)
+    assert reports.inbox_unavailable(journal) is None
+
+
 def test_read_only_journal_reads_beside_a_writer(journal):
     journal.add_job("a.jpg", 10, 1, PARAMS)
     reader = Journal(journal.path, read_only=True)
@@ -110,6 +136,7 @@ def test_read_only_journal_reads_beside_a_writer(journal):
 V1_SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 INSERT INTO meta VALUES ('schema_version', '1');
+INSERT INTO meta VALUES ('inbox_unavailable', 'the share is gone');
 CREATE TABLE jobs (id INTEGER PRIMARY KEY, rel_path TEXT NOT NULL, state TEXT NOT NULL, size INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL, params TEXT NOT NULL, sha256 TEXT, upload_path TEXT, hosted_key TEXT,
     request_id TEXT, polling_url TEXT, remote_status TEXT, media_url TEXT, output_path TEXT, final_path TEXT,
@@ -152,6 +179,7 @@ def test_a_version_1_journal_is_migrated_in_place_keeping_its_jobs(tmp_path):
     assert journal.get(job.id).output_settings == {"format": "jpeg"}
     journal._db.execute("INSERT INTO charges(job_id, request_id, at, kind) VALUES (?, 'r', 1.0, 'charged')",
                         (job.id,))  # v7: the ledger
+    assert journal.get_meta("inbox_unavailable") is None  # v9: each run's own, on its row
     journal.join("station")  # v8: the runs that held jobs, and their leases
     journal.note_inbox("share gone")  # v9: why a run cannot read its inbox
     [node] = journal.nodes()

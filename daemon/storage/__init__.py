@@ -85,6 +85,17 @@ def nested(depth_holder: Any, begin, commit, rollback) -> Iterator[None]:
 JOURNAL_NAME = "journal.sqlite3"
 
 
+def refuse_other_schema(found: int, current: int, where: object) -> None:
+    """For a reader (`status`), which never migrates: a journal of another release is named as such,
+    with what to do, rather than failing later on a column it lacks."""
+    if found < current:
+        raise JournalError(f"the journal at {where} is at schema version {found}, older than this release's "
+                           f"{current}: start the daemon once (it upgrades the journal), then ask again")
+    if found > current:
+        raise JournalError(f"the journal at {where} has schema version {found}, newer than this release's "
+                           f"{current}; upgrade codeformer-daemon")
+
+
 def open_store(config: Any, *, read_only: bool = False, environ: Any = None) -> Connector:
     """The journal's database as `config.state` says: the SQLite file in state_dir, or the fleet's
     PostgreSQL (with the password of the systemd credential postgresql_password, when passed)."""

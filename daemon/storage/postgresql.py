@@ -18,7 +18,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from . import JournalError, StorageUnavailable, nested
+from . import JournalError, StorageUnavailable, nested, refuse_other_schema
 
 try:
     import psycopg
@@ -101,7 +101,8 @@ CREATE OR REPLACE FUNCTION instr(text, text) RETURNS integer LANGUAGE sql IMMUTA
 """
 
 MIGRATIONS: dict[int, str] = {
-    2: "ALTER TABLE nodes ADD COLUMN IF NOT EXISTS inbox_unavailable TEXT;",
+    2: "ALTER TABLE nodes ADD COLUMN IF NOT EXISTS inbox_unavailable TEXT; "
+       "DELETE FROM meta WHERE key = 'inbox_unavailable';",  # each station's own now, on its row
 }
 """SQL that takes an existing database from version N-1 to N; a new one gets `_SCHEMA` directly."""
 
@@ -191,10 +192,15 @@ class PostgresConnector:
         self._connect()
         if not read_only:
             self._migrate()
+        elif self.read("SELECT to_regclass('meta') IS NOT NULL")[0][0]:  # a database no daemon used yet has none
+            rows = self.read("SELECT value FROM meta WHERE key = 'schema_version'")
+            refuse_other_schema(int(rows[0][0]) if rows else 0, SCHEMA_VERSION, self)
 
     def __str__(self) -> str:
-        """The DSN without its password (as `password=` or in a URI's `user:password@`), for messages."""
-        return re.sub(r"(://[^/:@]*):[^/@]*@", r"\1:…@", re.sub(r"password\s*=\s*\S+", "password=…", self.dsn))
+        """The DSN without its password (as `password=`, quoted or not, `sslpassword=`, or in a URI's
+        `user:password@`), for messages and the start-up log line."""
+        masked = re.sub(r"password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", "password=…", self.dsn)
+        return re.sub(r"(://[^/:@]*):[^/@]*@", r"\1:…@", masked)
 
     # ------------------------------------------------------------------ the connection
 

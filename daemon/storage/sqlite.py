@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import JournalError, nested
+from . import JournalError, nested, refuse_other_schema
 
 SCHEMA_VERSION = 9
 
@@ -44,8 +44,12 @@ CREATE TABLE IF NOT EXISTS nodes (
 """
 """The daemons that have used this journal, each run under a token of its own (schema 8)."""
 
-_NODES_INBOX = "ALTER TABLE nodes ADD COLUMN inbox_unavailable TEXT;"
-"""Why a daemon cannot read its inbox, for `status` (schema 9): each station's own, as each mounts the share."""
+_NODES_INBOX = """
+ALTER TABLE nodes ADD COLUMN inbox_unavailable TEXT;
+DELETE FROM meta WHERE key = 'inbox_unavailable';
+"""
+"""Why a daemon cannot read its inbox, for `status` (schema 9): each run's own, as each station mounts
+the share; it was one meta key before."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -151,6 +155,8 @@ class SQLiteConnector:
                 self._migrate()
             else:
                 self.connection.execute("SELECT count(*) FROM jobs").fetchone()
+                row = self.connection.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+                refuse_other_schema(int(row[0]) if row else 0, SCHEMA_VERSION, self.path)
         except sqlite3.DatabaseError as exc:
             raise JournalError(f"cannot open journal {self.path}: {exc}") from None
 
