@@ -68,7 +68,8 @@ def test_a_pause_left_by_a_daemon_that_was_killed_is_not_shown_once_another_star
     left_behind = Journal(journal_path(config))
     left_behind.set_meta(DAEMON_PAUSE_META, "insufficient balance")
     left_behind.close()
-    run_daemon(config)
+    daemon = run_daemon(config)
+    daemon.wait_for_passes()  # its start is behind it
     config_path = write_config(tmp_path / "config.yaml", config_mapping(folders, emulator))
     assert status_json(config_path, capsys)["paused"] is None
     drop_scan(folders, "next.jpg", seed=3)
