@@ -155,7 +155,7 @@ def _fleet_lines(fleet: list[dict]) -> list[str]:
     alive = sum(node["alive"] for node in fleet)
     lines = [f"fleet: {alive} daemon{'s' if alive != 1 else ''} running"]
     for node in fleet:
-        state = "running" if node["alive"] else ("stopped" if node["left"] else "silent (lease lapsed)")
+        state = "silent (lease lapsed)" if node["state"] == "silent" else node["state"]
         lines.append(f"  {node['node']} on {node['host']} (pid {node['pid']}): {state}, last heartbeat "
                      f"{_age(node['heartbeat_age_seconds'])} ago, holding {node['holding']} "
                      f"job{'s' if node['holding'] != 1 else ''}")

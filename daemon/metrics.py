@@ -63,11 +63,6 @@ def provider_time(provider_seconds: float | None, submitted_at: float | None, no
     return None
 
 
-def fleet_state(node: dict[str, Any]) -> str:
-    """One daemon of the fleet as `status` lists it: running, silent (its lease lapsed) or stopped."""
-    return "running" if node["alive"] else "stopped" if node["left"] else "silent"
-
-
 def figure_families(report: dict[str, Any] | None) -> list[Metric]:
     """The gauges and counters of a `status_report`, as metric families (empty ones for None: their names).
 
@@ -104,7 +99,7 @@ def figure_families(report: dict[str, Any] | None) -> list[Metric]:
         return families
     if report.get("fleet") is not None:
         for state in ("running", "silent", "stopped"):
-            daemons.add_metric([state], sum(fleet_state(node) == state for node in report["fleet"]))
+            daemons.add_metric([state], sum(node["state"] == state for node in report["fleet"]))
     for period in ("day", "month"):
         figures = report["budget"][period]
         used.add_metric([period], figures["used"])

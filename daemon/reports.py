@@ -40,32 +40,35 @@ def journal_summary(journal: Journal, now: float, recent_failures: int = 10) -> 
     } for j in journal.recent(JobState.FAILED, recent_failures)]
     # One daemon's pid and heartbeat file; a fleet's daemons are each in `fleet`, with their own.
     heartbeat = None if journal.store.shared else journal.heartbeat_age(now)
+    daemons = fleet(journal) if journal.store.shared else None
     return {
         "counts": {state.value: 0 for state in JobState} | journal.counts_by_state(),
         "in_flight": in_flight,
         "recent_failures": failures,
         "paused": journal.get_meta(control.DAEMON_PAUSE_META),
-        "inbox_unavailable": inbox_unavailable(journal),
+        "inbox_unavailable": inbox_unavailable(journal, daemons),
         "ambiguous_at_restart": journal.counter("ambiguous_at_restart"),
         "duplicates_skipped": journal.counter("duplicates_skipped"),
         "unchanged_delivered": journal.counter("unchanged_delivered"),
         "submissions_spent": journal.submissions_spent(),
         "heartbeat_age_seconds": round(heartbeat, 1) if heartbeat is not None else None,
         "pid": None if journal.store.shared else int(journal.get_meta("pid") or 0) or None,
-        "fleet": fleet(journal) if journal.store.shared else None,
+        "fleet": daemons,
     }
 
 
-def inbox_unavailable(journal: Journal) -> str | None:
+def inbox_unavailable(journal: Journal, daemons: list[dict[str, Any]] | None = None) -> str | None:
     """Why the daemon cannot read its inbox, None if it can. On SQLite that is the newest run's word
     (its lease is never renewed: the lock file, not a lease, keeps it alone). In a fleet each station
-    mounts the share itself, so each running one that cannot is named with its reason."""
+    mounts the share itself, so each running one that cannot is named with its reason; `daemons` is
+    the fleet as `fleet` lists it, when the caller has it already."""
     if not journal.store.shared:
         rows = journal.read("SELECT inbox_unavailable FROM nodes ORDER BY started_at DESC LIMIT 1")
         return rows[0]["inbox_unavailable"] if rows else None
-    rows = journal.read(f"SELECT name, inbox_unavailable FROM nodes WHERE inbox_unavailable IS NOT NULL "
-                        f"AND left_at IS NULL AND lease_until > {journal.store.now_sql} ORDER BY name")
-    return "; ".join(f"on {r['name']}: {r['inbox_unavailable']}" for r in rows) or None
+    daemons = fleet(journal) if daemons is None else daemons
+    # Only a running station's word is kept in its entry: a stopped one's is stale.
+    unreadable = sorted((n["node"], n["inbox_unavailable"]) for n in daemons if n["inbox_unavailable"])
+    return "; ".join(f"on {name}: {reason}" for name, reason in unreadable) or None
 
 
 FLEET_SHOWN_AFTER_LEAVING = 86400.0
@@ -74,13 +77,15 @@ FLEET_SHOWN_AFTER_LEAVING = 86400.0
 
 def fleet(journal: Journal) -> list[dict[str, Any]]:
     """Each daemon of the fleet, newest first: its name, host, last heartbeat (seconds ago, by the
-    database's clock), whether its lease is live, and how many jobs it holds now."""
+    database's clock), whether its lease is live, its state as `status`, the dashboard and /metrics
+    show it (running, silent: its lease lapsed, or stopped), and how many jobs it holds now."""
     now = journal.database_time()
     return [{
         "node": n.name, "host": n.host, "pid": n.pid, "token": n.token,
         "heartbeat_age_seconds": round(now - n.heartbeat_at, 1),
         "alive": (alive := n.lease_until > now and n.left_at is None),
         "left": n.left_at is not None, "holding": n.holding,
+        "state": "running" if alive else "stopped" if n.left_at is not None else "silent",
         "inbox_unavailable": n.inbox_unavailable if alive else None,  # a stopped station's last word is stale
     } for n in journal.nodes() if n.lease_until > now - FLEET_SHOWN_AFTER_LEAVING or n.holding]
 
