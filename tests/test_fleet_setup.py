@@ -184,3 +184,17 @@ def test_a_schema_1_fleet_database_is_migrated_in_place(postgres_dsn):
         assert {n.name: n.inbox_unavailable for n in journal.nodes()} == {"north": None, "south": "share gone"}
     finally:
         journal.close()
+
+
+def test_a_fleet_database_of_a_newer_release_is_refused_by_daemons_and_readers(postgres_dsn):
+    import psycopg
+
+    from daemon.journal import JournalError
+    from daemon.storage.postgresql import SCHEMA_VERSION
+
+    Journal(PostgresConnector(postgres_dsn)).close()
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    for read_only in (False, True):
+        with pytest.raises(JournalError, match=f"schema version 99, newer than this release's {SCHEMA_VERSION}; upgrade"):
+            PostgresConnector(postgres_dsn, read_only=read_only)

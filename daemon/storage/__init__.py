@@ -85,15 +85,16 @@ def nested(depth_holder: Any, begin, commit, rollback) -> Iterator[None]:
 JOURNAL_NAME = "journal.sqlite3"
 
 
-def refuse_other_schema(found: int, current: int, where: object) -> None:
-    """For a reader (`status`), which never migrates: a journal of another release is named as such,
-    with what to do, rather than failing later on a column it lacks."""
-    if found < current:
-        raise JournalError(f"the journal at {where} is at schema version {found}, older than this release's "
-                           f"{current}: start the daemon once (it upgrades the journal), then ask again")
+def refuse_other_schema(found: int, current: int, where: object, *, migrating: bool = False) -> None:
+    """A journal of a newer release is refused, by a daemon and a reader alike. One of an older release
+    is brought up to date by a daemon (`migrating`); a reader (`status`), which never migrates, names
+    it with what to do rather than failing later on a column it lacks."""
     if found > current:
         raise JournalError(f"the journal at {where} has schema version {found}, newer than this release's "
                            f"{current}; upgrade codeformer-daemon")
+    if found < current and not migrating:
+        raise JournalError(f"the journal at {where} is at schema version {found}, older than this release's "
+                           f"{current}: start the daemon once (it upgrades the journal), then ask again")
 
 
 def open_store(config: Any, *, read_only: bool = False, environ: Any = None) -> Connector:

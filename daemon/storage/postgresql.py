@@ -279,9 +279,7 @@ class PostgresConnector:
             cur.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
             row = cur.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             version = int(row[0]) if row else 0
-            if version > SCHEMA_VERSION:
-                raise JournalError(f"the PostgreSQL journal at {self} has schema version {version}, newer than "
-                                   f"this daemon's {SCHEMA_VERSION}; upgrade codeformer-daemon")
+            refuse_other_schema(version, SCHEMA_VERSION, f"PostgreSQL {self}", migrating=True)
             if version == 0:
                 cur.execute(_SCHEMA)
                 cur.execute("INSERT INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))

@@ -199,9 +199,7 @@ class SQLiteConnector:
             self.connection.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
             row = self.connection.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             version = int(row[0]) if row else 0
-            if version > SCHEMA_VERSION:
-                raise JournalError(f"journal {self.path} has schema version {version}, newer than this daemon's "
-                                   f"{SCHEMA_VERSION}; upgrade codeformer-daemon")
+            refuse_other_schema(version, SCHEMA_VERSION, self.path, migrating=True)
             if version == 0:
                 self.connection.executescript(
                     f"BEGIN IMMEDIATE; {_SCHEMA}; INSERT INTO meta(key, value) VALUES "
