@@ -11,6 +11,7 @@ resize; sent as a bare PNG without metadata, as the provider's OpenCV writes it.
 from __future__ import annotations
 
 import argparse
+import collections
 import enum
 import hashlib
 import io
@@ -542,8 +543,6 @@ class GatewayEmulator:
                   charged, server_url, submitted_at=now, updated_at=now)
         self._jobs[job.request_id] = job
         self._counts["submits_accepted"] += 1
-        unfinished = sum(j.status not in FINAL for j in self._jobs.values())
-        self._peak_unfinished = max(self._peak_unfinished, unfinished)
         self._dispatch_locked()
         return job
 
@@ -596,10 +595,13 @@ class GatewayEmulator:
     # -- processing
 
     def _dispatch_locked(self) -> None:
-        """Move queued jobs, oldest first, into free processing slots."""
+        """Move queued jobs, oldest first, into free processing slots; note the most ever unfinished
+        (it is called after each accept, so the same pass over the jobs counts both)."""
+        statuses = collections.Counter(j.status for j in self._jobs.values())
+        processing = statuses[JobStatus.PROCESSING]
+        self._peak_unfinished = max(self._peak_unfinished, processing + statuses[JobStatus.QUEUED])
         if self._stopping.is_set():
             return
-        processing = sum(j.status is JobStatus.PROCESSING for j in self._jobs.values())
         for job in self._jobs.values():
             if self._max_concurrent and processing >= self._max_concurrent:
                 break

@@ -83,7 +83,7 @@ class Fleet:
 
     def renew_if_due(self, now: float) -> None:
         """Renew this run's lease every RENEWALS_PER_LEASE-th of `lease_seconds` (at most every
-        HEARTBEAT_SECONDS): a renewal late by a busy pass or two still comes well within the lease."""
+        RENEW_AT_MOST_EVERY seconds): a renewal late by a busy pass or two still comes well within the lease."""
         if now < self._next_renewal:
             return
         self._next_renewal = now + min(RENEW_AT_MOST_EVERY, self.journal.lease_seconds / RENEWALS_PER_LEASE)

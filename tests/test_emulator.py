@@ -334,6 +334,7 @@ def test_max_concurrent_keeps_extra_jobs_queued_in_order(site, image_url):
     with GatewayEmulator(latency=0.15, max_concurrent=1) as gateway:
         ids = [submit_ok(gateway, image_url) for _ in range(3)]
         assert [poll(gateway, i).json()["status"] for i in ids] == ["PROCESSING", "QUEUED", "QUEUED"]
+        assert gateway.peak_unfinished == 3  # queued ones count: the client had three in flight
         assert gateway.wait_idle(5)
         jobs = [job_stats(gateway, i) for i in ids]
         assert all(j["status"] == "COMPLETED" for j in jobs)
